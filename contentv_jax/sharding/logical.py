@@ -1,0 +1,82 @@
+"""Logical axis names -> mesh axes, and activation sharding constraints.
+
+Parameters and activations are annotated with *logical* axis names (see ``docs/design.md``);
+a rules table maps each logical name to a mesh axis (or a tuple of mesh axes, or ``None`` for
+replicated). This mirrors MaxText's ``logical_axis_rules`` and flax's ``nnx.logical_axis_rules``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LogicalRules = tuple[tuple[str, Any], ...]
+
+# Parameters: shard the model width over `fsdp`, replicate over `data` (HYBRID_SHARD).
+# Activations: batch over (data, fsdp); video tokens over `sequence` (Ulysses).
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("video_tokens", "sequence"),
+    ("embed", "fsdp"),
+)
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
+    "contentv_jax_sharding", default=None
+)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
+    """Translate logical axis names to a ``PartitionSpec`` under ``rules``.
+
+    A mesh axis is used at most once per spec (the first logical name that claims it wins), as
+    in MaxText, so that e.g. ``('embed', 'embed')`` shards only its first dimension.
+    Unknown names and ``None`` map to replicated dimensions.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in names:
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """Within this context, :func:`constrain` applies ``rules`` on ``mesh``."""
+    token = _ACTIVE.set((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, LogicalRules] | None:
+    """The (mesh, rules) set by :func:`activation_sharding`, or ``None``."""
+    return _ACTIVE.get()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; the identity when no mesh is active.
+
+    Args:
+      x: any array; ``len(names)`` must equal ``x.ndim``.
+      names: one logical name (or ``None``) per dimension.
+    Raises:
+      ValueError: if ``len(names) != x.ndim``.
+    """
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: got {len(names)} logical names {tuple(names)} for an array of rank {x.ndim}")
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))

@@ -1,0 +1,1 @@
+"""Checkpoint converters between diffusers-format safetensors and contentv-jax parameters."""
