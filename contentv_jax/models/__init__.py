@@ -1,1 +1,25 @@
-"""Models: the 3D MM-DiT and the Wan2.1 VAE (channels-last, Flax NNX)."""
+"""Models: the 3D MM-DiT and the Wan2.1 VAE (channels-last, Flax NNX).
+
+Public names are imported lazily so that ``import contentv_jax.models`` stays cheap:
+``MMDiT``, ``TransformerConfig``, ``load_transformer`` (``transformer.py``) and
+``WanVAE``, ``VAEConfig``, ``load_vae`` (``vae.py``).
+"""
+
+import importlib
+
+_LAZY = {
+    "MMDiT": "transformer",
+    "TransformerConfig": "transformer",
+    "load_transformer": "transformer",
+    "WanVAE": "vae",
+    "VAEConfig": "vae",
+    "load_vae": "vae",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
