@@ -1,0 +1,147 @@
+"""Configs as data: nested dataclasses filled from YAML files and ``key=value`` overrides.
+
+``load_config(Schema, path, overrides)`` reads a YAML mapping into the dataclass ``Schema``, then
+applies dotted overrides such as ``mesh.data=2`` or ``optimizer.lr=1e-4`` (values parsed as YAML
+scalars). Unknown keys anywhere are errors naming the full dotted key, raised before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type; the message names the key."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if _is_dataclass_type(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r}: {value!r} matches none of {tp}")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if typing.get_origin(tp) is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {typing.get_args(tp)}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise :class:`ConfigError`."""
+    types_ = _field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        raise ConfigError(
+            "unknown config key(s): " + ", ".join(repr(prefix + k) for k in unknown)
+            + f" (valid keys under {prefix or 'the top level'!r}: {', '.join(sorted(types_))})"
+        )
+    kwargs = {k: _coerce(v, types_[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass config as plain nested dicts/lists (for YAML/JSON dumps)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """Return ``cfg`` with dotted ``key=value`` overrides applied (values parsed as YAML scalars).
+
+    Raises:
+      ConfigError: for a malformed override or a key that does not exist (named in full).
+    """
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown config key {key!r} (no {'.'.join(parts[: i + 1])!r})")
+            if i == len(parts) - 1:
+                node[part] = yaml.safe_load(raw) if raw != "" else ""
+            else:
+                node = node[part]
+    return from_dict(type(cfg), data)
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Defaults of ``cls``, updated by the YAML file at ``path`` (if given), then by ``overrides``."""
+    cfg = cls()
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        merged = _deep_merge(to_dict(cfg), data, prefix="")
+        cfg = from_dict(cls, merged)
+    return apply_overrides(cfg, overrides)
+
+
+def _deep_merge(base: dict, update: Mapping, prefix: str) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if k not in base:
+            raise ConfigError(f"unknown config key {prefix + k!r}")
+        if isinstance(v, Mapping) and isinstance(base[k], dict):
+            out[k] = _deep_merge(base[k], v, prefix + k + ".")
+        else:
+            out[k] = v
+    return out

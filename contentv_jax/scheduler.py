@@ -1,0 +1,50 @@
+"""Flow-matching sigmas: the flow shift, the sampling schedule and training sigma draws.
+
+Convention (diffusers, the one the checkpoints use; reference doc section 4):
+``x_sigma = (1 - sigma) * x0 + sigma * noise``, the model predicts ``v = noise - x0`` and receives
+``timestep = sigma * 1000``. Mirrors ``diffusers/schedulers/scheduling_flow_match_euler_discrete.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def shift_sigmas(sigmas, shift: float):
+    """The flow shift ``s * sigma / (1 + (s - 1) * sigma)`` (diffusers' static shift).
+
+    Works on NumPy and JAX arrays alike; ``shift == 1`` is the identity. Raises ValueError for shift <= 0.
+    """
+    if shift <= 0:
+        raise ValueError(f"flow shift must be > 0, got {shift}")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sampling_sigmas(num_steps: int, shift: float) -> np.ndarray:
+    """Sampling schedule: ``linspace(1, 0, N+1)[:-1]`` shifted, then a final 0 appended.
+
+    Returns:
+      float32 array of shape (num_steps + 1,), decreasing from 1 to 0.
+    Raises:
+      ValueError: if ``num_steps < 1``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
+    sigmas = shift_sigmas(sigmas, shift).astype(np.float32)
+    return np.concatenate([sigmas, np.zeros(1, np.float32)])
+
+
+def sample_training_sigmas(
+    key: jax.Array, batch: int, *, logit_mean: float = 0.0, logit_std: float = 1.0, shift: float = 1.0
+) -> jax.Array:
+    """Logit-normal sigmas with the flow shift (report section 5; SD3's ``logit_normal`` weighting).
+
+    ``sigma = shift(sigmoid(n))`` with ``n ~ N(logit_mean, logit_std^2)``. Returns float32 (batch,) in (0, 1).
+    """
+    n = logit_mean + logit_std * jax.random.normal(key, (batch,), dtype=jnp.float32)
+    return shift_sigmas(jax.nn.sigmoid(n), shift)
