@@ -84,9 +84,13 @@ class MeshConfig:
         return tuple(t // d for t, d in zip(total, dcn)), dcn
 
 
+def _by_slice(devices) -> bool:
+    """TPU devices group by ``slice_index``; others (CPU, GPU) by process (host)."""
+    return all(d.platform == "tpu" and getattr(d, "slice_index", None) is not None for d in devices)
+
+
 def _num_slices(devices) -> int:
-    """Slices by TPU ``slice_index`` where present; otherwise processes (hosts) are the granules."""
-    if all(getattr(d, "slice_index", None) is not None for d in devices):
+    if _by_slice(devices):
         return len({d.slice_index for d in devices})
     return len({d.process_index for d in devices})
 
@@ -110,6 +114,5 @@ def create_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     num_slices = _num_slices(devices)
     ici, dcn = cfg.resolve_hybrid(len(devices), num_slices)
-    by_slice = not all(getattr(d, "slice_index", None) is not None for d in devices)
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_slice)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not _by_slice(devices))
     return Mesh(np.asarray(grid), AXES, axis_types=(AxisType.Auto,) * 3)

@@ -1,0 +1,133 @@
+"""Two processes on 127.0.0.1 (gloo CPU collectives), 4 CPU devices each, on the (2, 2, 2) mesh, equal one
+process with 8 devices (issue 4, acceptance 3).
+
+``_step`` builds the tiny MM-DiT sharded (``create_sharded``, each process initialising only its own
+shards), assembles the global batch from each process's rows (``distributed.local_batch_slice`` /
+``global_batch``) and runs one jitted forward + gradient with Ulysses (sequence = 2). The test runs it
+in-process on the 8 simulated devices and in two subprocesses joined by ``distributed.initialize``
+(the second with the data axis across the processes, ``dcn_data=2``), and compares.
+
+Run as a script it is the worker: ``python tests/test_multihost.py --coordinator H:P --num-processes 2
+--process-id I --out FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # the worker: 4 CPU devices, before JAX loads
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from contentv_jax.sharding import distributed  # noqa: E402
+from contentv_jax.sharding.init import create_sharded  # noqa: E402
+from contentv_jax.sharding.logical import activation_sharding  # noqa: E402
+from contentv_jax.sharding.mesh import MeshConfig, create_mesh  # noqa: E402
+
+B = 4
+
+
+def _cfg():
+    from contentv_jax.models.transformer import get_config
+
+    return get_config("tiny", num_attention_heads=6, attention_head_dim=8, caption_projection_dim=48)
+
+
+def _step(mesh_cfg: MeshConfig) -> dict:
+    """One forward + gradient of the tiny MM-DiT on the mesh; scalar summaries every process can read."""
+    from contentv_jax.models.transformer import MMDiT
+
+    cfg = _cfg()
+    mesh = create_mesh(mesh_cfg)
+    model = create_sharded(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+
+    rng = np.random.default_rng(0)  # the same global batch on every process; each keeps its own rows
+    full = {
+        "latents": rng.standard_normal((B, 3, 6, 6, cfg.in_channels), np.float32),
+        "timestep": rng.uniform(0, 1000, (B,)).astype(np.float32),
+        "context": rng.standard_normal((B, 7, cfg.joint_attention_dim), np.float32),
+        "pooled": rng.standard_normal((B, cfg.pooled_projection_dim), np.float32),
+        "target": rng.standard_normal((B, 3, 6, 6, cfg.in_channels), np.float32),
+    }
+    spec = P(("data", "fsdp"))
+    rows = distributed.local_batch_slice(B, mesh, spec)
+    batch = distributed.global_batch({k: v[rows] for k, v in full.items()}, mesh, spec)
+
+    def loss(st, b):
+        out = nnx.merge(graphdef, st)(b["latents"], b["timestep"], b["context"], b["pooled"])
+        return jnp.mean((out - b["target"]) ** 2)
+
+    def fwd_grad(st, b):
+        with activation_sharding(mesh):
+            value, grads = jax.value_and_grad(loss)(st, b)
+        leaves = jax.tree.leaves(grads)
+        return {
+            "loss": value,
+            "grad_norm": jnp.sqrt(sum(jnp.sum(g * g) for g in leaves)),
+            "grad_sums": jnp.stack([jnp.sum(g * jnp.arange(g.size).reshape(g.shape) % 7) for g in leaves]),
+        }
+
+    out = jax.jit(fwd_grad)(state, batch)
+    return {k: np.asarray(jax.device_get(v)).tolist() for k, v in out.items()} | {
+        "rows": [rows.start, rows.stop], "processes": jax.process_count(), "devices": jax.device_count()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def test_two_processes_equal_one(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+             "--process-id", str(i), "--out", str(tmp_path / f"p{i}.json")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    ref = _step(MeshConfig(2, 2, 2))  # one process, 8 devices (meanwhile the workers run)
+    for i, p in enumerate(procs):
+        try:
+            log, _ = p.communicate(timeout=600)
+        finally:
+            p.kill()
+        assert p.returncode == 0, f"worker {i} failed:\n{log[-4000:]}"
+    got = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert [g["processes"] for g in got] == [2, 2] and [g["devices"] for g in got] == [8, 8]
+    assert [g["rows"] for g in got] == [[0, 2], [2, 4]]  # each process holds its half of the batch
+    assert ref["processes"] == 1
+    for g in got:
+        for key in ("loss", "grad_norm", "grad_sums"):
+            assert _rel(g[key], ref[key]) < 1e-5, (key, g[key], ref[key])
+
+
+if __name__ == "__main__":
+    parser = distributed.add_distributed_args(argparse.ArgumentParser())
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    assert distributed.initialize_from_args(args)
+    result = _step(MeshConfig(data=2, fsdp=2, sequence=2, dcn_data=2))
+    Path(args.out).write_text(json.dumps(result))
+    jax.distributed.shutdown()
