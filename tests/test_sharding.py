@@ -76,6 +76,25 @@ def test_ulysses_matches_single_device(shape, b, s_img, n):
         assert (tuple(oi.sharding.spec) + (None,) * 4)[1] == "sequence"
 
 
+@pytest.mark.parametrize("kernel", ["chunked", "splash"])
+def test_ulysses_with_other_kernels(kernel):
+    """The kernels run per device inside the Ulysses shard_map (padded heads and tokens)."""
+    xs = _joint_inputs(2, 13, 5, 6)
+    mesh = create_mesh(MeshConfig(1, 2, 4))
+
+    def sharded(*a):
+        with activation_sharding(mesh):
+            return joint_attention(*a, kernel=kernel)
+
+    (oi, ot), grads = jax.jit(lambda *a: (sharded(*a), jax.grad(_loss(sharded), argnums=(0, 3))(*a)))(*xs)
+    ri, rt = joint_attention_local(*xs)
+    ref_grads = jax.grad(_loss(joint_attention_local), argnums=(0, 3))(*xs)
+    np.testing.assert_allclose(np.asarray(oi), np.asarray(ri), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ot), np.asarray(rt), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
 def test_no_all_to_all_without_sequence_axis():
     xs = _joint_inputs(2, 13, 5, 6)
     mesh = create_mesh(MeshConfig(2, 4, 1))

@@ -106,24 +106,29 @@ def chunked_attention(
     vc = vf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
     key_ok = (jnp.arange(sk_p) < valid).reshape(sk_p // ck, ck)
 
+    def scores(qb, kb, ok):
+        return jnp.where(ok, jnp.einsum("bqnd,bknd->bnqk", qb, kb), _NEG)
+
     def one_chunk(qb):  # (B, cq, N, D)
+        # the first key chunk (which holds key 0, always valid) starts the running max, sum and output;
+        # starting from the data rather than constants keeps the carry's type right under shard_map
+        s = scores(qb, kc[0], key_ok[0])
+        m = s.max(-1)
+        p = jnp.where(key_ok[0], jnp.exp(s - m[..., None]), 0.0)
+        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p, vc[0]))
+
         @jax.checkpoint
         def step(carry, xs):
             m, l, acc = carry  # (B, N, cq), (B, N, cq), (B, cq, N, D)
             kb, vb, ok = xs
-            s = jnp.where(ok, jnp.einsum("bqnd,bknd->bnqk", qb, kb), _NEG)
+            s = scores(qb, kb, ok)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m - m_new)
             acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum("bnqk,bknd->bqnd", p, vb)
             return (m_new, l * corr + p.sum(-1), acc), None
 
-        init = (
-            jnp.full((b, n, cq), _NEG, jnp.float32),
-            jnp.zeros((b, n, cq), jnp.float32),
-            jnp.zeros((b, cq, n, d), jnp.float32),
-        )
-        (_, l, acc), _ = jax.lax.scan(step, init, (kc, vc, key_ok))
+        (_, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], key_ok[1:]))
         return acc / l.transpose(0, 2, 1)[..., None]
 
     qs = qf.reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
@@ -228,6 +233,7 @@ def joint_attention(
         mesh, rules = ctx
         attend = functools.partial(joint_attention_local, kernel=kernel)
         return ulysses.ulysses_joint_attention(
-            attend, q_img, k_img, v_img, q_txt, k_txt, v_txt, mesh=mesh, rules=rules, img_valid=img_valid
+            attend, q_img, k_img, v_img, q_txt, k_txt, v_txt, mesh=mesh, rules=rules, img_valid=img_valid,
+            check_vma=kernel != "splash",
         )
     return joint_attention_local(q_img, k_img, v_img, q_txt, k_txt, v_txt, kernel=kernel, img_valid=img_valid)

@@ -4,8 +4,8 @@ DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509), as the ContentV report
 doc section 6): video tokens arrive sharded over the mesh axis ``sequence`` (size ``sp``); an
 all-to-all turns each device's ``(tokens/sp, heads)`` block into ``(tokens, heads/sp)``, attention runs
 over all tokens for the device's heads, and a second all-to-all turns the result back. Text tokens are
-replicated over ``sequence``: each device slices its heads locally and the text output is gathered
-over heads afterwards.
+replicated over ``sequence``; they enter split by heads (each device takes its heads locally, no
+communication), and the text output leaves split by heads (gathered where the next layer needs it).
 
 Automatic padding: a head count that ``sp`` does not divide (ContentV has 38 heads) is padded with
 zero heads whose outputs are dropped; a video-token count that ``sp`` does not divide is padded at the
@@ -65,6 +65,7 @@ def ulysses_joint_attention(
     mesh: Mesh,
     rules: LogicalRules = DEFAULT_RULES,
     img_valid: int | None = None,
+    check_vma: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Joint attention with video tokens split over ``mesh``'s ``sequence`` axis.
 
@@ -75,8 +76,10 @@ def ulysses_joint_attention(
       q_txt, k_txt, v_txt: (B, S_txt, N, D) global text-token arrays.
       mesh: a mesh with a ``sequence`` axis; ``rules`` place the batch (see :func:`batch_axes`).
       img_valid: real video tokens when ``S_img`` carries trailing padding (``None``: all are real).
+      check_vma: ``jax.shard_map``'s type check; off for kernels that cannot declare it (Pallas
+        splash). Every input enters split over ``sequence``, so no gradient needs a cross-device sum.
     Returns:
-      (out_img (B, S_img, N, D) sharded over ``sequence``, out_txt (B, S_txt, N, D) replicated over it).
+      (out_img (B, S_img, N, D) split over ``sequence`` by tokens, out_txt (B, S_txt, N, D) split by heads).
     Raises:
       ValueError: if ``mesh`` has no ``sequence`` axis.
     """
@@ -86,30 +89,23 @@ def ulysses_joint_attention(
     b, s_img, n, _ = q_img.shape
     valid = s_img if img_valid is None else img_valid
     s_pad, n_pad = -(-s_img // sp) * sp, -(-n // sp) * sp
-    h = n_pad // sp
 
     imgs = [_pad(_pad(t, 1, s_pad), 2, n_pad) for t in (q_img, k_img, v_img)]
     txts = [_pad(t, 2, n_pad) for t in (q_txt, k_txt, v_txt)]
 
     bat = batch_axes(mesh, rules, b) or None
-    img_spec = PartitionSpec(bat, AXIS, None, None)
-    txt_spec = PartitionSpec(bat, None, None, None)
+    img_spec = PartitionSpec(bat, AXIS, None, None)  # tokens split over `sequence`
+    txt_spec = PartitionSpec(bat, None, AXIS, None)  # text heads split over `sequence`
 
     def local(qi, ki, vi, qt, kt, vt):
         # (b, s_pad/sp, n_pad, D) -> (b, s_pad, n_pad/sp, D)
         to_heads = lambda x: jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)  # noqa: E731
-        qi, ki, vi = to_heads(qi), to_heads(ki), to_heads(vi)
-        start = jax.lax.axis_index(AXIS) * h
-        my_heads = lambda x: jax.lax.dynamic_slice_in_dim(x, start, h, axis=2)  # noqa: E731
-        qt, kt, vt = my_heads(qt), my_heads(kt), my_heads(vt)
-        oi, ot = attend(qi, ki, vi, qt, kt, vt, img_valid=None if valid == s_pad else valid)
-        oi = jax.lax.all_to_all(oi, AXIS, split_axis=1, concat_axis=2, tiled=True)
-        # gather text heads: scatter into zeros and sum, which leaves the result invariant over `sequence`
-        full = jnp.zeros(ot.shape[:2] + (n_pad,) + ot.shape[3:], ot.dtype)
-        ot = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(full, ot, start, axis=2), AXIS)
-        return oi, ot
+        oi, ot = attend(to_heads(qi), to_heads(ki), to_heads(vi), qt, kt, vt,
+                        img_valid=None if valid == s_pad else valid)
+        return jax.lax.all_to_all(oi, AXIS, split_axis=1, concat_axis=2, tiled=True), ot
 
     out_img, out_txt = jax.shard_map(
-        local, mesh=mesh, in_specs=(img_spec,) * 3 + (txt_spec,) * 3, out_specs=(img_spec, txt_spec)
+        local, mesh=mesh, in_specs=(img_spec,) * 3 + (txt_spec,) * 3, out_specs=(img_spec, txt_spec),
+        check_vma=check_vma,
     )(*imgs, *txts)
     return out_img[:, :s_img, :n], out_txt[:, :, :n]
