@@ -81,6 +81,80 @@ def _pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
+def _scores(qb, kb, ok):
+    """(B, cq, N, D) x (B, ck, N, D) -> (B, N, cq, ck) logits, padded keys at a large negative value."""
+    return jnp.where(ok, jnp.einsum("bqnd,bknd->bnqk", qb, kb), _NEG)
+
+
+def _flash_forward(qc, kc, vc, key_ok):
+    """Online softmax. qc: (nq, B, cq, N, D) pre-scaled; kc, vc: (nk, B, ck, N, D); key_ok: (nk, ck).
+    Returns out (nq, B, cq, N, D) and the log-sum-exp (nq, B, N, cq)."""
+
+    def one_chunk(qb):
+        # the first key chunk (it holds key 0, always valid) starts the running max, sum and output;
+        # starting from the data rather than from constants keeps the carry's type right under shard_map
+        s = _scores(qb, kc[0], key_ok[0])
+        m = s.max(-1)
+        p = jnp.where(key_ok[0], jnp.exp(s - m[..., None]), 0.0)
+        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p, vc[0]))
+
+        def step(carry, xs):
+            m, l, acc = carry  # (B, N, cq), (B, N, cq), (B, cq, N, D)
+            kb, vb, ok = xs
+            s = _scores(qb, kb, ok)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum("bnqk,bknd->bqnd", p, vb)
+            return (m_new, l * corr + p.sum(-1), acc), None
+
+        (m, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], key_ok[1:]))
+        return acc / l.transpose(0, 2, 1)[..., None], m + jnp.log(l)
+
+    return jax.lax.map(one_chunk, qc)
+
+
+@jax.custom_vjp
+def _flash(qc, kc, vc, key_ok):
+    return _flash_forward(qc, kc, vc, key_ok)[0]
+
+
+def _flash_fwd(qc, kc, vc, key_ok):
+    out, lse = _flash_forward(qc, kc, vc, key_ok)
+    return out, (qc, kc, vc, key_ok, out, lse)
+
+
+def _flash_bwd(res, d_out):
+    """FlashAttention-2 backward: recompute each (q, k) block's probabilities from the saved
+    log-sum-exp; memory is the inputs plus one block of logits."""
+    qc, kc, vc, key_ok, out, lse = res
+    delta = jnp.einsum("cbqnd,cbqnd->cbnq", d_out, out)  # rowsum(dO * O), (nq, B, N, cq)
+    nk = kc.shape[0]
+
+    def q_step(carry, xs):
+        dk, dv = carry  # (nk, B, ck, N, D)
+        qb, dob, lse_b, delta_b = xs
+
+        def k_step(inner, j):
+            dq, dk, dv = inner
+            kb, vb, ok = kc[j], vc[j], key_ok[j]
+            p = jnp.where(ok, jnp.exp(_scores(qb, kb, ok) - lse_b[..., None]), 0.0)  # (B, N, cq, ck)
+            dv = dv.at[j].add(jnp.einsum("bnqk,bqnd->bknd", p, dob))
+            ds = p * (jnp.einsum("bqnd,bknd->bnqk", dob, vb) - delta_b[..., None])
+            dq = dq + jnp.einsum("bnqk,bknd->bqnd", ds, kb)
+            dk = dk.at[j].add(jnp.einsum("bnqk,bqnd->bknd", ds, qb))
+            return (dq, dk, dv), None
+
+        (dq, dk, dv), _ = jax.lax.scan(k_step, (qb * 0, dk, dv), jnp.arange(nk))
+        return (dk, dv), dq
+
+    (dk, dv), dq = jax.lax.scan(q_step, (kc * 0, vc * 0), (qc, d_out, lse, delta))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def chunked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -90,10 +164,11 @@ def chunked_attention(
     q_chunk: int = 512,
     kv_chunk: int = 512,
 ) -> jax.Array:
-    """Memory-lean attention: online softmax over key/value chunks (Rabe & Staats 2021; FlashAttention).
+    """Memory-lean attention: online softmax over key/value chunks (Rabe & Staats 2021; FlashAttention-2).
 
-    Shapes as :func:`dot_product_attention`. Accumulates in float32; peak logits memory is
-    ``B * N * q_chunk * kv_chunk`` floats. Each key chunk is rematerialised in the backward pass.
+    Shapes as :func:`dot_product_attention`. Accumulates in float32. Forward and backward hold one
+    ``(B, N, q_chunk, kv_chunk)`` block of logits at a time; the backward pass (a custom VJP) saves
+    only the inputs, the output and the per-query log-sum-exp, and recomputes the probabilities.
     """
     b, sq, n, d = q.shape
     sk = k.shape[1]
@@ -102,37 +177,11 @@ def chunked_attention(
     sq_p, sk_p = -(-sq // cq) * cq, -(-sk // ck) * ck
     qf = _pad_axis(q, 1, sq_p).astype(jnp.float32) * (1.0 / math.sqrt(d))
     kf, vf = (_pad_axis(t, 1, sk_p).astype(jnp.float32) for t in (k, v))
+    qc = qf.reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
     kc = kf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
     vc = vf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
     key_ok = (jnp.arange(sk_p) < valid).reshape(sk_p // ck, ck)
-
-    def scores(qb, kb, ok):
-        return jnp.where(ok, jnp.einsum("bqnd,bknd->bnqk", qb, kb), _NEG)
-
-    def one_chunk(qb):  # (B, cq, N, D)
-        # the first key chunk (which holds key 0, always valid) starts the running max, sum and output;
-        # starting from the data rather than constants keeps the carry's type right under shard_map
-        s = scores(qb, kc[0], key_ok[0])
-        m = s.max(-1)
-        p = jnp.where(key_ok[0], jnp.exp(s - m[..., None]), 0.0)
-        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p, vc[0]))
-
-        @jax.checkpoint
-        def step(carry, xs):
-            m, l, acc = carry  # (B, N, cq), (B, N, cq), (B, cq, N, D)
-            kb, vb, ok = xs
-            s = scores(qb, kb, ok)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum("bnqk,bknd->bqnd", p, vb)
-            return (m_new, l * corr + p.sum(-1), acc), None
-
-        (_, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], key_ok[1:]))
-        return acc / l.transpose(0, 2, 1)[..., None]
-
-    qs = qf.reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
-    out = jax.lax.map(one_chunk, qs).swapaxes(0, 1).reshape(b, sq_p, n, d)
+    out = _flash(qc, kc, vc, key_ok).swapaxes(0, 1).reshape(b, sq_p, n, d)
     return out[:, :sq].astype(q.dtype)
 
 
