@@ -48,8 +48,9 @@ def _loss(attn):
     return f
 
 
-# (mesh (data, fsdp, sequence), batch, video tokens, heads): 6 heads / 13 tokens do not divide sp=4 or 8
-CASES = [((1, 1, 8), 2, 13, 6), ((2, 2, 2), 4, 13, 6), ((2, 1, 4), 2, 14, 6), ((1, 2, 4), 1, 16, 8)]
+# (mesh (data, fsdp, sequence), batch, video tokens, heads): 6 heads / 13 tokens do not divide sp=4;
+# tests/test_sharding_model.py runs the whole model on the four meshes of the issue
+CASES = [((2, 1, 4), 2, 13, 6), ((1, 2, 4), 1, 16, 8)]
 
 
 @pytest.mark.parametrize("shape,b,s_img,n", CASES, ids=[str(c[0]) for c in CASES])

@@ -83,6 +83,8 @@ def test_tiny_mmdit_sharded_equals_single_device(reference, shape):
     assert _rel(value, ref_value) < 1e-5
     assert _rel(out, ref_out) < 1e-5
     worst = max((_rel(g, r), k) for (k, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)))
+    print(f"mesh {shape}: relative error loss {_rel(value, ref_value):.1e}, output {_rel(out, ref_out):.1e}, "
+          f"worst gradient {worst[0]:.1e} ({'.'.join(map(str, worst[1]))})")
     assert worst[0] < 1e-5, worst
 
 
