@@ -492,7 +492,7 @@ class MMDiT(nnx.Module):
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
         if latents.shape[2] % cfg.patch_size or latents.shape[3] % cfg.patch_size:
-            raise ValueError(f"latent H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
+            raise ValueError(f"latents H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
         if timestep.shape != (b,):
             raise ValueError(f"timestep must be ({b},) (sigma * 1000), got {timestep.shape}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.joint_attention_dim:
@@ -537,9 +537,9 @@ def abstract_model(cfg: TransformerConfig) -> MMDiT:
 
 
 def init_model(cfg: TransformerConfig, seed: int = 0) -> MMDiT:
-    """A randomly initialised model (built without a mesh)."""
+    """A randomly initialised model (built without a mesh, in one compiled computation)."""
     with nnx.use_eager_sharding(False):
-        return MMDiT(cfg, rngs=nnx.Rngs(seed))
+        return nnx.jit(lambda: MMDiT(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> MMDiT:
