@@ -36,9 +36,11 @@ def tiny(tmp_path_factory):
     return model, root / "ours", root / "diffusers"
 
 
+_forward = nnx.jit(lambda m, a, b, c, d: m(a, b, c, d))
+
+
 def _velocity(model, x):
-    fn = nnx.jit(lambda m, a, b, c, d: m(a, b, c, d))
-    return np.asarray(fn(model, *(jnp.asarray(x[k]) for k in ("latents", "timestep", "context", "pooled"))), np.float32)
+    return np.asarray(_forward(model, *(jnp.asarray(x[k]) for k in ("latents", "timestep", "context", "pooled"))), np.float32)
 
 
 def test_sincos_table_matches_diffusers():
@@ -85,7 +87,7 @@ def test_load_diffusers_dir_directly_and_remat_grad(tiny):
         m = nnx.clone(a)
         m.cfg = a.cfg.replace(remat_policy=policy)
         loss = lambda m: jnp.mean(m(*args) ** 2)  # noqa: E731
-        return nnx.grad(loss)(m)
+        return nnx.jit(nnx.grad(loss))(m)
 
     g_none, g_full = grads("none"), grads("full")
     for u, v in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_full)):
