@@ -185,6 +185,8 @@ def test_config_round_trip_and_errors():
     with pytest.raises(KeyError):
         get_config("nope")
     assert set(REMAT_POLICIES) >= {"none", "full", "dots_saveable"}
+    for name in ("contentv-8b", "sd35-large", "tiny"):
+        assert get_config(str(ref.ROOT / f"configs/model/{name}.yaml")) == get_config(name)
 
 
 def test_bad_inputs_named():

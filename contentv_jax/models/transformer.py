@@ -197,11 +197,16 @@ CONFIGS: dict[str, TransformerConfig] = {
 
 
 def get_config(name: str, **overrides) -> TransformerConfig:
-    """A named config (``contentv-8b``, ``sd35-large``, ``tiny``) with optional field overrides.
+    """A named config (``contentv-8b``, ``sd35-large``, ``tiny``) or a YAML file of
+    :class:`TransformerConfig` fields (``configs/model/*.yaml``), with optional field overrides.
 
     Raises:
-      KeyError: unknown name.
+      KeyError: unknown name. ValueError: unknown fields in the YAML file.
     """
+    if name.endswith((".yaml", ".yml")):
+        import yaml
+
+        return TransformerConfig.from_dict(yaml.safe_load(Path(name).read_text())).replace(**overrides)
     if name not in CONFIGS:
         raise KeyError(f"unknown transformer config {name!r}; known: {sorted(CONFIGS)}")
     return CONFIGS[name].replace(**overrides)
