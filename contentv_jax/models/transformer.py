@@ -168,8 +168,8 @@ class TransformerConfig:
                 f"dual_attention_layers={config['dual_attention_layers']} (MMDiT-X) is not supported; ContentV has none"
             )
         kw = {k: config[k] for k in cls._DIFFUSERS_KEYS if k in config}
-        if kw.get("caption_projection_dim") is None and "num_attention_heads" in kw:
-            kw.pop("caption_projection_dim", None)
+        if kw.get("caption_projection_dim") is None:  # diffusers' SD3 default is not the width; ours must be
+            kw["caption_projection_dim"] = kw.get("num_attention_heads", 38) * kw.get("attention_head_dim", 64)
         if "out_channels" in kw and kw["out_channels"] is None:
             kw["out_channels"] = kw.get("in_channels", 16)
         kw.update(overrides)
