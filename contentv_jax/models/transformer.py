@@ -15,7 +15,8 @@ Mirrors ContentV's PyTorch model (``torch_npu_backend/transformer.py``; github `
 - output: ``AdaLayerNormContinuous`` (scale, then shift), ``Linear(width -> p*p*C)``, unpatchify.
 
 The first ``num_layers - 1`` blocks are identical: they are created stacked with ``nnx.vmap`` (leading
-logical axis ``layers``) and run with a scan under ``jax.checkpoint`` with a named remat policy. The
+logical axis ``layers``) and run with ``nnx.scan``, each step under ``nnx.remat`` (``jax.checkpoint``)
+with a named policy (:data:`REMAT_POLICIES`). The
 last block is a separate module (``final_block``).
 
 Parameters live in ``param_dtype``; matmuls run in ``dtype``; layer-norm / RMS-norm statistics and the
@@ -25,14 +26,11 @@ sinusoids are computed in float32 (softmax statistics: see ``attention.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -506,19 +504,22 @@ class MMDiT(nnx.Module):
             raise ValueError(f"pooled must be ({b}, {cfg.pooled_projection_dim}), got {pooled.shape}")
 
     def _run_blocks(self, x, c, temb):
+        """The stacked blocks: ``nnx.scan`` over the ``layers`` axis, each step under ``nnx.remat``
+        (``jax.checkpoint``) with the configured policy."""
         if self.transformer_blocks is None:
             return x, c
-        graphdef, state = nnx.split(self.transformer_blocks)
 
-        def body(carry, layer_state):
-            block = nnx.merge(graphdef, layer_state)
-            return block(carry[0], carry[1], temb), None
+        def step(block, x, c, temb):
+            return block(x, c, temb)
 
-        policy_name = self.cfg.remat_policy
-        if policy_name != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
-        (x, c), _ = jax.lax.scan(body, (x, c), state)
-        return x, c
+        if self.cfg.remat_policy != "none":
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(block, carry, temb):
+            return step(block, carry[0], carry[1], temb)
+
+        return run(self.transformer_blocks, (x, c), temb)
 
     def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
         self._check_inputs(latents, timestep, context, pooled)
