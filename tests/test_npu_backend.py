@@ -168,11 +168,17 @@ def test_joint_attention_matches_jax():
 
 
 def _jax_rms_norm(x, weight, eps):
-    """The JAX reference: the MM-DiT's RMSNorm when available, else the closed form in jnp."""
+    """The MM-DiT's QK RMSNorm (``contentv_jax.models.transformer.RMSNorm``) with scale ``weight``."""
     import jax.numpy as jnp
+    from flax import nnx
 
-    x, weight = jnp.asarray(x), jnp.asarray(weight)
-    return np.asarray(x * (1.0 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)) * weight)
+    from contentv_jax.models.transformer import RMSNorm, get_config
+
+    cfg = get_config("tiny", norm_eps=eps)
+    with nnx.use_eager_sharding(False):
+        norm = RMSNorm(x.shape[-1], cfg, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(weight)
+    return np.asarray(norm(jnp.asarray(x)))
 
 
 def test_rms_norm_matches_jax_and_diffusers():
@@ -453,3 +459,115 @@ def test_npu_extra_pins_torch_npu_to_torch():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"torch=={torch_version}" in deps
     assert not any(d.startswith("torch-npu") or d.startswith("torch_npu") for d in deps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acceptance 2: a tiny model trained in JAX, exported with converters.to_diffusers, run by the backend
+# ---------------------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def exported_tiny_model(tmp_path_factory):
+    """Train the tiny MM-DiT a few flow-matching steps in JAX, save it (our format), export it with the
+    ``converters.to_diffusers`` CLI. Returns (diffusers dir, inputs, JAX velocity (B, T, H, W, C))."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from contentv_jax.models.transformer import get_config, init_model
+    from converters.common import save_checkpoint
+
+    cfg = get_config("tiny")
+    model = init_model(cfg, seed=0)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    rng = np.random.default_rng(0)
+    b, t, h, w = 2, 2, 4, 6
+    x0 = jnp.asarray(rng.standard_normal((b, t, h, w, cfg.in_channels)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((b, 5, cfg.joint_attention_dim)), jnp.float32)
+    pooled = jnp.asarray(rng.standard_normal((b, cfg.pooled_projection_dim)), jnp.float32)
+
+    @nnx.jit
+    def train_step(model, optimizer, noise, sigma):
+        def loss_fn(model):
+            s = sigma[:, None, None, None, None]
+            x_sigma = (1.0 - s) * x0 + s * noise  # flow matching (diffusers convention)
+            velocity = model(x_sigma, sigma * 1000.0, context, pooled)
+            return jnp.mean(jnp.square(velocity - (noise - x0)))
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for _ in range(TRAIN_STEPS):
+        noise = jnp.asarray(rng.standard_normal(x0.shape), jnp.float32)
+        sigma = jnp.asarray(rng.uniform(0.05, 0.95, (b,)), jnp.float32)
+        train_step(model, optimizer, noise, sigma)
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, z: float(np.max(np.abs(a - z))), before, after))
+    assert max(moved) > 1e-3, "training did not change the parameters"
+
+    latents = jnp.asarray(rng.standard_normal((b, t, h, w, cfg.in_channels)), jnp.float32)
+    timestep = jnp.asarray([250.0, 875.0], jnp.float32)  # sigma * 1000
+    velocity = np.asarray(nnx.jit(lambda m, *args: m(*args))(model, latents, timestep, context, pooled))
+
+    root = tmp_path_factory.mktemp("npu_export")
+    ours, exported = root / "ours", root / "diffusers"
+    save_checkpoint(ours, nnx.state(model), cfg.to_dict())
+    result = subprocess.run(
+        [sys.executable, "-m", "converters.to_diffusers", "--component", "transformer", "--src", str(ours), "--dst", str(exported)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    inputs = {
+        "hidden_states": torch.from_numpy(np.array(latents)).permute(0, 4, 1, 2, 3).contiguous(),  # (B, C, T, H, W)
+        "encoder_hidden_states": torch.from_numpy(np.array(context)),
+        "pooled_projections": torch.from_numpy(np.array(pooled)),
+        "timestep": torch.from_numpy(np.array(timestep)),
+    }
+    return exported, inputs, velocity
+
+
+def test_exported_jax_model_velocity_matches_backend(exported_tiny_model):
+    from torch_npu_backend import load_contentv_transformer
+    from torch_npu_backend.processor import ContentVJointAttnProcessor
+
+    path, inputs, expected = exported_tiny_model
+    model = load_contentv_transformer(path, device="cpu", dtype=torch.float32)
+    processors = list(model.attn_processors.values())
+    assert len(processors) == 3 and all(isinstance(p, ContentVJointAttnProcessor) for p in processors)
+    with torch.no_grad():
+        velocity = model(**inputs).sample  # (B, C, T, H, W)
+    assert velocity.dtype == torch.float32
+    assert np.max(np.abs(expected)) > 1e-2  # a trained model, not a zero output
+    assert rel_err(velocity.permute(0, 2, 3, 4, 1), expected) < RTOL
+
+
+@pytest.mark.contract
+def test_contract_exported_model_on_npu_path(exported_tiny_model, fake_torch_npu):
+    """The whole model through the torch_npu operators (stand-in): 4 QK RMSNorms and one fused BNSD
+    attention per block, and the JAX velocity."""
+    from torch_npu_backend import load_contentv_transformer
+
+    path, inputs, expected = exported_tiny_model
+    model = load_contentv_transformer(path, device="cpu", backend="npu")
+    with torch.no_grad():
+        velocity = model(**inputs).sample
+    assert fake_torch_npu.names() == (["npu_rms_norm"] * 4 + ["npu_fusion_attention"]) * 3
+    for name, args in fake_torch_npu.calls:
+        if name == "npu_fusion_attention":
+            assert args["input_layout"] == "BNSD" and args["head_num"] == 4
+            assert args["scale"] == pytest.approx(1 / math.sqrt(16), rel=1e-12)
+            assert tuple(args["query"].shape) == (2, 4, 2 * 2 * 3 + 5, 16)
+    assert rel_err(velocity.permute(0, 2, 3, 4, 1), expected) < RTOL
+
+
+def test_load_contentv_transformer_rejects_missing_checkpoint(tmp_path):
+    from torch_npu_backend import load_contentv_transformer
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_contentv_transformer(tmp_path, device="cpu")

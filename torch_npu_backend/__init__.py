@@ -67,7 +67,7 @@ def load_contentv_transformer(path, device=None, dtype=None, backend: str | None
 
     from torch_npu_backend.device import select_device
     from torch_npu_backend.processor import install_attention_processor
-    from torch_npu_backend.transformer import ContentVTransformer3DModel
+    from torch_npu_backend.transformer import SD3Transformer3DModel
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -76,6 +76,6 @@ def load_contentv_transformer(path, device=None, dtype=None, backend: str | None
         else:
             raise FileNotFoundError(f"no diffusers transformer checkpoint (config.json) at {path} or {path / 'transformer'}")
     target = select_device(device)
-    model = ContentVTransformer3DModel.from_pretrained(str(path), torch_dtype=dtype or torch.float32)
+    model = SD3Transformer3DModel.from_pretrained(str(path), torch_dtype=dtype or torch.float32)
     install_attention_processor(model, backend=backend)
     return model.to(target).eval()
