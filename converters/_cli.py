@@ -23,7 +23,13 @@ def main(direction: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--component", required=True, choices=COMPONENTS, help="which model the checkpoint holds")
     parser.add_argument("--src", required=True, help="source directory")
     parser.add_argument("--dst", required=True, help="destination directory (written atomically)")
+    if direction == "to_diffusers":
+        parser.add_argument("--max-shard-size", type=int, default=None,
+                            help="bytes per safetensors shard (default: the component's, 10 GiB)")
     args = parser.parse_args(argv)
+    kwargs = {}
+    if getattr(args, "max_shard_size", None) is not None:
+        kwargs["max_shard_size"] = args.max_shard_size
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         module = importlib.import_module(f"converters.{args.component}")
@@ -33,7 +39,7 @@ def main(direction: str, argv: list[str] | None = None) -> int:
         print(f"error: no converter for component {args.component!r} (converters/{args.component}.py is missing)", file=sys.stderr)
         return 1
     try:
-        getattr(module, direction)(args.src, args.dst)
+        getattr(module, direction)(args.src, args.dst, **kwargs)
     except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
