@@ -15,6 +15,14 @@
 The package imports and runs on CPU without torch_npu; nothing here reads or sets
 ``TORCH_DEVICE_BACKEND_AUTOLOAD``. Public names are imported lazily (diffusers is only loaded when the
 processor or the model is used).
+
+On an Ascend host::
+
+    pip install 'contentv-jax[npu]'                      # torch-npu==2.13.0, matching torch 2.13.0
+    source /usr/local/Ascend/ascend-toolkit/set_env.sh   # CANN
+    python -m converters.to_diffusers --component transformer --src CKPT --dst EXPORT
+    USE_ASCEND_NPU=1 python -c "import torch, torch_npu_backend as b; \\
+        m = b.load_contentv_transformer('EXPORT', dtype=torch.bfloat16)"
 """
 
 from __future__ import annotations
