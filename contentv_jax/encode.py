@@ -341,7 +341,7 @@ def encode_dataset(
                     clips = [resize_center_crop(img, bucket.height, bucket.width)]
                     starts = [[0]]
                 else:
-                    info = probe_video(path)
+                    info = probe_video(path, exact=True)  # demux only; detects truncation
                     bucket = assign_bucket(
                         [b for b in buckets if not b.is_image], info.height, info.width, info.num_frames, info.fps, fps
                     )

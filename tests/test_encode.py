@@ -1,6 +1,7 @@
 """The encode stage on real clips: records equal an independent recomputation; bad files are skipped and named."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -36,6 +37,8 @@ def encoded(tmp_path_factory, shared_data, text):
         shutil.copy(src / f, data / f)
     (data / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     (data / "empty.mp4").write_bytes(b"")
+    whole = (src / "intel_bottle_hand_6s.mp4").read_bytes()
+    (data / "truncated.mp4").write_bytes(whole[: len(whole) * 9 // 10])  # the head decodes; the tail is gone
     video.write_video(data / "short.mp4", np.zeros((5, 32, 32, 3), np.uint8), 8)  # 5 frames < one 9-frame clip
     video.write_video(data / "uncaptioned.mp4", np.zeros((9, 32, 32, 3), np.uint8), 8)
     rng = np.random.default_rng(0)
@@ -43,6 +46,7 @@ def encoded(tmp_path_factory, shared_data, text):
     lines = [{"file": f, "caption": captions[f]} for f in real] + [
         {"file": "corrupt.mp4", "caption": "corrupt"},
         {"file": "empty.mp4", "caption": "empty"},
+        {"file": "truncated.mp4", "caption": "truncated"},
         {"file": "short.mp4", "caption": "too short"},
         {"file": "gone.mp4", "caption": "missing file"},
         {"file": "square.png", "caption": "random noise image"},
@@ -52,20 +56,32 @@ def encoded(tmp_path_factory, shared_data, text):
             f.write(json.dumps(line) + "\n")
         f.write("{not json\n")
     out = tmp_path_factory.mktemp("records")
-    stats = enc.encode_dataset(data, out, PoolingVAE(), text, max_sequence_length=16, progress=False, **SHAPE)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("contentv_jax.encode").addHandler(handler)
+    try:
+        stats = enc.encode_dataset(data, out, PoolingVAE(), text, max_sequence_length=16, progress=False, **SHAPE)
+    finally:
+        logging.getLogger("contentv_jax.encode").removeHandler(handler)
+    stats.warnings = warnings
     return data, out, stats, captions
 
 
 def test_bad_inputs_skipped_and_named(encoded, capsys):
     _, out, stats, _ = encoded
-    assert stats.skipped["unreadable"] == ["corrupt.mp4", "empty.mp4"]
+    assert stats.skipped["unreadable"] == ["corrupt.mp4", "empty.mp4", "truncated.mp4"]
     assert stats.skipped["too_short"] == ["short.mp4"]
     assert stats.skipped["no_caption"] == ["uncaptioned.mp4"]
     assert stats.skipped["missing_file"] == ["gone.mp4"]
-    assert stats.skipped["bad_caption_line"] == ["captions.jsonl:8"]
-    assert stats.num_skipped == 6 and stats.files_encoded == 3 and stats.files_seen == 7
+    assert stats.skipped["bad_caption_line"] == ["captions.jsonl:9"]
+    assert stats.num_skipped == 7 and stats.files_encoded == 3 and stats.files_seen == 8
     summary = stats.summary()
-    for name in ("corrupt.mp4", "empty.mp4", "short.mp4", "uncaptioned.mp4", "gone.mp4"):
+    assert len(stats.warnings) == 7  # one warning per skipped input, naming it
+    for files in stats.skipped.values():
+        for name in files:
+            assert sum(name in w for w in stats.warnings) == 1, (name, stats.warnings)
+    for name in ("corrupt.mp4", "empty.mp4", "truncated.mp4", "short.mp4", "uncaptioned.mp4", "gone.mp4"):
         assert name in summary
     # nothing half-written left in the output
     assert sorted(p.name for p in out.iterdir()) == sorted(
