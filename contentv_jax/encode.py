@@ -216,23 +216,18 @@ def _read_image(path: Path) -> np.ndarray:
 # VAE
 
 def _make_vae_fn(vae, latent_mode: str):
-    """``fn(x (B, T, H, W, 3) float32 in [-1, 1], key) -> normalised latents``, jitted when the VAE is an nnx.Module."""
-    import jax
+    """``fn(x (B, T, H, W, 3) float32 in [-1, 1], key) -> normalised latents (B, T', h, w, C)``.
 
-    def run(model, x, key):
-        dist = model.encode(x)
+    Calls the VAE's own ``encode`` (the Wan VAE compiles it once per input shape) and ``normalize``.
+    """
+    import jax.numpy as jnp
+
+    def run(x, key):
+        dist = vae.encode(jnp.asarray(x))
         z = dist.sample(key) if latent_mode == "sample" else dist.mode()
-        return model.normalize(z)
+        return vae.normalize(z)
 
-    try:
-        from flax import nnx
-
-        if isinstance(vae, nnx.Module):
-            jitted = nnx.jit(run)
-            return lambda x, key: jitted(vae, x, key)
-    except ImportError:  # pragma: no cover
-        pass
-    return lambda x, key: run(vae, jax.numpy.asarray(x), key)
+    return run
 
 
 def _resolve_vae(vae):
