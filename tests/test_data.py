@@ -172,7 +172,9 @@ def test_host_sharding(records):
     seen = {0: {}, 1: {}}
     for s in range(30):
         (k0, i0), (k1, i1) = h0.planner.plan(s), h1.planner.plan(s)
-        assert k0 == k1 == single.planner.bucket(s)  # every host draws the same bucket
+        # every host draws the same bucket, the one bucket_for_step gives
+        assert k0 == k1 == single.planner.bucket(s)
+        assert k0 == bk.bucket_for_step(2, s, list(h0.planner.weights), h0.planner.weights)
         assert len(i0) == len(i1) == 2  # global 4 / 2 hosts
         assert all(i % 2 == 0 for i in i0) and all(i % 2 == 1 for i in i1)  # disjoint shards
         seen[0].setdefault(k0, set()).update(i0)

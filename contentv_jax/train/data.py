@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from contentv_jax.encode import decode_record, load_null_text, read_index
-from contentv_jax.train.buckets import Bucket, bucket_for_step, make_buckets
+from contentv_jax.train.buckets import Bucket, draw_index, make_buckets
 
 __all__ = ["TrainBatches", "StepPlanner"]
 
@@ -79,13 +79,16 @@ class StepPlanner:
                 f"(records per bucket: {dict(num_records)}, weights: {dict(weights)})"
             )
         self.weights = {k: float(weights[k]) for k in self.available}
+        p = np.array([self.weights[k] for k in self.available])
+        self._cdf = np.cumsum(p / p.sum())  # bucket_for_step's distribution, computed once
         self.local_batch = dict(local_batch)
         self._prefix: list[dict[str, int]] = [dict.fromkeys(self.available, 0)]  # counts before step i*1024
         self._lock = threading.Lock()
         self._perms: dict[tuple[str, int], np.ndarray] = {}
 
     def bucket(self, step: int) -> str:
-        return bucket_for_step(self.seed, step, self.available, self.weights)
+        """``bucket_for_step(seed, step, available, weights)`` (same draw, distribution precomputed)."""
+        return self.available[draw_index(self.seed, step, self._cdf)]
 
     def draws_before(self, step: int) -> dict[str, int]:
         """How many steps ``< step`` drew each bucket."""
