@@ -53,7 +53,6 @@ from contentv_jax.video import (
     VideoReadError,
     clip_frame_indices,
     probe_video,
-    read_frames,
     resize_center_crop,
 )
 
@@ -212,6 +211,38 @@ def _read_image(path: Path) -> np.ndarray:
         raise VideoReadError(f"image {str(path)!r}: cannot decode ({type(e).__name__}: {e})") from e
 
 
+def _iter_clips(path: Path, index_lists: list[np.ndarray], height: int, width: int):
+    """Yield each clip of ``index_lists`` resized + cropped to ``(height, width)``, decoding ``path`` once.
+
+    Only the clips in progress are held (as resized frames), never the whole decoded video.
+    Raises VideoReadError when the file ends before the last requested frame.
+    """
+    from contentv_jax.video import iter_video_frames
+
+    where: dict[int, list[tuple[int, int]]] = {}
+    for c, idx in enumerate(index_lists):
+        for j, i in enumerate(idx.tolist()):
+            where.setdefault(i, []).append((c, j))
+    pending: dict[int, np.ndarray] = {}
+    last = [int(idx.max()) for idx in index_lists]
+    nxt = 0
+    n = 0
+    for i, frame in enumerate(iter_video_frames(path)):
+        n = i + 1
+        if i in where:
+            small = resize_center_crop(frame[None], height, width)[0]
+            for c, j in where[i]:
+                if c not in pending:
+                    pending[c] = np.empty((len(index_lists[c]), height, width, 3), np.uint8)
+                pending[c][j] = small
+        while nxt < len(index_lists) and last[nxt] <= i:
+            yield pending.pop(nxt)
+            nxt += 1
+        if nxt == len(index_lists):
+            return
+    raise VideoReadError(f"video {str(path)!r}: frame {last[nxt]} requested but only {n} frames decode (truncated?)")
+
+
 # ------------------------------------------------------------------------------------------------
 # VAE
 
@@ -295,12 +326,16 @@ def encode_dataset(
     t0 = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     buckets = make_buckets(max_frames, max_height, max_width, fps=fps, images=True, videos=max_frames > 1)
+    image_buckets = [b for b in buckets if b.is_image]
+    video_buckets = [b for b in buckets if not b.is_image]
     stats = EncodeStats()
     items = _read_captions(data_dir, stats)
     vae = _resolve_vae(vae)
     text = _resolve_text(text_encoders)
     vae_fn = _make_vae_fn(vae, latent_mode)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a directory being (re-)encoded has no index: readers never pair old files with new ones
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
     edtype = np.float16 if embeds_dtype == "float16" else np.float32
 
     writers: dict[str, tuple[Any, Path, Path]] = {}
@@ -332,58 +367,63 @@ def encode_dataset(
             try:
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
                     img = _read_image(path)
-                    bucket = assign_bucket(buckets, img.shape[1], img.shape[2], 1, 1.0)
-                    clips = [resize_center_crop(img, bucket.height, bucket.width)]
-                    starts = [[0]]
+                    bucket = assign_bucket(image_buckets, img.shape[1], img.shape[2], 1, 1.0)
+                    index_lists = [np.zeros(1, np.int64)]
+                    clips = iter([resize_center_crop(img, bucket.height, bucket.width)])
                 else:
                     info = probe_video(path, exact=True)  # demux only; detects truncation
-                    bucket = assign_bucket(
-                        [b for b in buckets if not b.is_image], info.height, info.width, info.num_frames, info.fps, fps
-                    )
-                    if bucket is None:
-                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps is shorter "
-                              f"than the shortest clip at {fps:g} fps")
-                        continue
-                    index_lists = clip_frame_indices(
+                    if video_buckets:
+                        bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
+                    else:  # an image-only stage (max_frames = 1): frames of videos are images
+                        bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
+                    index_lists = [] if bucket is None else clip_frame_indices(
                         info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
                     )
                     if not index_lists:
-                        _skip(stats, "too_short", file, f"no {bucket.frames}-frame clip fits")
+                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
+                              f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
+                              f"at {fps:g} fps")
                         continue
-                    frames = read_frames(path, np.concatenate(index_lists))
-                    frames = resize_center_crop(frames, bucket.height, bucket.width)
-                    clips = np.split(frames, len(index_lists))
-                    starts = [ix.tolist() for ix in index_lists]
+                    clips = _iter_clips(path, index_lists, bucket.height, bucket.width)
+                embeds, pooled = None, None
+                latents = []  # a file's records are written only once all of its clips encoded
+                for c0 in range(0, len(index_lists), vae_batch_size):
+                    chunk = [next(clips) for _ in range(min(vae_batch_size, len(index_lists) - c0))]
+                    x = np.stack(chunk).astype(np.float32) / 127.5 - 1.0
+                    key = jax.random.fold_in(jax.random.key(seed), stats.records + c0)
+                    lat = np.asarray(jax.device_get(vae_fn(x, key)), dtype=np.float32)
+                    if lat.ndim != 5 or lat.shape[0] != len(chunk):
+                        raise ValueError(f"VAE returned latents of shape {lat.shape}; expected ({len(chunk)}, T', h, w, C)")
+                    latents.extend(lat)
             except VideoReadError as e:
                 _skip(stats, "unreadable", file, str(e))
                 continue
 
             embeds, pooled = text.encode([caption], max_sequence_length=max_sequence_length)
             w = writer_for(bucket)
-            for c0 in range(0, len(clips), vae_batch_size):
-                chunk = np.stack(clips[c0 : c0 + vae_batch_size]).astype(np.float32) / 127.5 - 1.0
-                key = jax.random.fold_in(jax.random.key(seed), stats.records)
-                lat = np.asarray(jax.device_get(vae_fn(chunk, key)), dtype=np.float32)
-                if lat.ndim != 5:
-                    raise ValueError(f"VAE returned latents of shape {lat.shape}; expected (B, T', h, w, C)")
-                latent_channels = lat.shape[-1]
-                for j, z in enumerate(lat):
-                    meta = {
-                        "file": file,
-                        "caption": caption,
-                        "clip": c0 + j,
-                        "frame_indices": starts[c0 + j],
-                        "bucket": bucket.key,
-                    }
-                    w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
-                    stats.records += 1
-                    stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
+            latent_channels = latents[0].shape[-1]
+            for j, z in enumerate(latents):
+                meta = {
+                    "file": file,
+                    "caption": caption,
+                    "clip": j,
+                    "frame_indices": index_lists[j].tolist(),
+                    "bucket": bucket.key,
+                }
+                w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
+                stats.records += 1
+                stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
             stats.files_encoded += 1
+    except BaseException:
+        for w, tmp, _ in writers.values():
+            w.close()
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
-        for w, _, _ in writers.values():
-            w.close()
+    for w, _, _ in writers.values():
+        w.close()
 
     # everything written: move files into place, then the index last
     for w, tmp, final in writers.values():
