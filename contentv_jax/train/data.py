@@ -209,15 +209,16 @@ class TrainBatches:
             num_records, local_batch, seed=self.seed, process_index=process_index,
             process_count=process_count, weights=weights,
         )
-        self._sources = {
-            k: grain.MapDataset.source(
-                grain.sources.ArrayRecordDataSource([str(self.records_dir / entries[k]["file"])])
-            )
-            for k in self.planner.available
-        }
-        for k, src in self._sources.items():
-            if len(src) != num_records[k]:
-                raise ValueError(f"{self.records_dir / entries[k]['file']}: {len(src)} records, index says {num_records[k]}")
+        self._sources = {}
+        for k in self.planner.available:
+            paths = [str(self.records_dir / f) for f in entries[k]["files"]]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"record files of bucket {k} missing: {', '.join(missing)}")
+            # several files (encode shards) read as one sequence, in the index's order
+            self._sources[k] = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+            if len(self._sources[k]) != num_records[k]:
+                raise ValueError(f"{paths}: {len(self._sources[k])} records, index says {num_records[k]}")
         self.dataset = grain.MapDataset.range(0, _NUM_STEPS).map(self.batch)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
