@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 NULL_TEXT_NAME = "null_text.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bucket entries list "files" (encode shards)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
@@ -152,7 +152,10 @@ def read_index(records_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{p}: no index; encode the data first (python -m contentv_jax.encode){hint}")
     index = json.loads(p.read_text())
     if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{p}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{p}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}: "
+            "re-encode the data (python -m contentv_jax.encode)"
+        )
     return index
 
 

@@ -19,7 +19,8 @@ host and after any restart):
    weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
    mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
 2. records: this host's shard of the bucket (records ``i`` with ``i % process_count ==
-   process_index``, the same count on every host), visited in a fresh permutation per epoch
+   process_index``, ``num_records // process_count`` of them so every host has the same count: up
+   to ``process_count - 1`` records of a bucket are unused, see :meth:`TrainBatches.summary`), visited in a fresh permutation per epoch
    (``numpy.random.default_rng([seed, crc32(key), epoch])``); the batch takes the next
    ``local batch`` positions of that stream, where the position is the number of earlier steps
    that drew the bucket times the local batch;
@@ -267,6 +268,19 @@ class TrainBatches:
             "bucket": key,
             "step": int(step),
         }
+
+    def summary(self) -> str:
+        """One line per bucket: records, records used per host, global batch, draw probability."""
+        p = self.planner
+        tot = sum(p.weights.values())
+        lines = [f"data {self.records_dir}: {len(p.available)} buckets, host {self.process_index}/{self.process_count}"]
+        for k in p.available:
+            n = self._fingerprint["num_records"][k]
+            lines.append(
+                f"  {k}: {n} records ({p.num_local[k]} per host, {n - p.num_local[k] * self.process_count} unused), "
+                f"batch {self.buckets[k].batch_size}, p={p.weights[k] / tot:.3f}"
+            )
+        return "\n".join(lines)
 
     def null_text(self) -> tuple[np.ndarray, np.ndarray]:
         """The empty prompt's ``(prompt_embeds (1, L, Dctx), pooled (1, Dpool))`` for caption dropout."""
