@@ -204,3 +204,37 @@ def test_image_stage_batching_and_reencode(tmp_path, text):
     enc.encode_dataset(data, tmp_path / "v", PoolingVAE(), text, fps=8, max_frames=1, max_clips_per_video=1, **kw)
     index = enc.read_index(tmp_path / "v")
     assert list(index["buckets"]) == ["f1_h64_w64"] and index["max_shape"] == [1, 64, 64]
+
+
+@pytest.mark.slow
+def test_wan_vae_records_match_diffusers(tmp_path, shared_data, text):
+    """Our Wan VAE through load_vae (a diffusers-format directory): the records' latents equal diffusers'
+    AutoencoderKLWan ``encode(x).latent_dist.mode()``, normalised with the config's mean/std."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    ref.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "data"
+    data.mkdir()
+    f = "intel_person_walking_8s.mp4"
+    shutil.copy(shared_data / "videos" / f, data / f)
+    (data / "captions.jsonl").write_text(json.dumps({"file": f, "caption": "a walk"}) + "\n")
+    stats = enc.encode_dataset(data, tmp_path / "out", str(tmp_path / "vae"), text, max_clips_per_video=1,
+                               max_sequence_length=8, progress=False, **SHAPE)
+    assert stats.records == 1
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(tmp_path / "out" / "f9_h48_w80.array_record"))
+    (rec,) = [enc.decode_record(b) for b in reader.read_all()]
+    reader.close()
+    frames, _ = video.read_video(data / f)
+    x = video.resize_center_crop(frames[rec["meta"]["frame_indices"]], 48, 80).astype(np.float32) / 127.5 - 1
+    with torch.no_grad():
+        z = ref.encode(torch.from_numpy(x).permute(3, 0, 1, 2)[None]).latent_dist.mode()
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+    want = ((z - mean) / std)[0].permute(1, 2, 3, 0).numpy()
+    assert rec["latents"].shape == want.shape == (3, 6, 10, 16)
+    np.testing.assert_allclose(rec["latents"], want, rtol=0, atol=1e-5 * np.abs(want).max())
