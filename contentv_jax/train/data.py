@@ -1,6 +1,6 @@
 """The training data pipeline on grain: one bucket per step, per-host shards, exact resumable state.
 
-Reads the records of :mod:`contentv_jax.encode` (``index.json`` + one ArrayRecord file per bucket)::
+Reads the records of :mod:`contentv_jax.encode` (``index.json`` + ArrayRecord files per bucket)::
 
     batches = TrainBatches(records_dir, seed=0, video_batch_size=8, image_batch_size=16,
                            batch_multiple=mesh_batch_size)
@@ -18,10 +18,11 @@ host and after any restart):
 1. bucket: :func:`contentv_jax.train.buckets.bucket_for_step(seed, step, available, weights)`;
    weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
    mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
-2. records: this host's shard of the bucket (records ``i`` with ``i % process_count ==
-   process_index``, ``num_records // process_count`` of them so every host has the same count: up
-   to ``process_count - 1`` records of a bucket are unused, see :meth:`TrainBatches.summary`), visited in a fresh permutation per epoch
-   (``numpy.random.default_rng([seed, crc32(key), epoch])``); the batch takes the next
+2. records: this host's shard of the bucket (records ``i = j * process_count + process_index`` for
+   ``j < num_records // process_count``: every host has the same count, and up to
+   ``process_count - 1`` records of a bucket are unused, see :meth:`TrainBatches.summary`), visited
+   in a fresh permutation per epoch (``numpy.random.default_rng([seed, crc32(key), epoch])``);
+   the batch takes the next
    ``local batch`` positions of that stream, where the position is the number of earlier steps
    that drew the bucket times the local batch;
 3. batch sizes: the global batch of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
