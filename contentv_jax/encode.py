@@ -1,0 +1,574 @@
+"""Feature extraction: videos + captions -> bucketed latent records (the report's separate encode stage).
+
+``python -m contentv_jax.encode --data DIR --out DIR --vae PATH --text-encoders PATH [--fps 24
+--max-frames 125 --max-height 432 --max-width 768 ...]`` and the library call::
+
+    stats = encode_dataset(data_dir, out_dir, vae, text_encoders, fps=24, max_frames=125,
+                           max_height=432, max_width=768)
+
+Input: ``DIR/captions.jsonl`` of ``{"file": ..., "caption": ...}`` lines (the format of
+``../shared/data/videos/captions.jsonl``); files are videos (anything PyAV decodes) or images
+(``.png .jpg .jpeg .webp .bmp``: T=1 records).
+
+Per file: probe; pick its bucket (:func:`contentv_jax.train.buckets.assign_bucket`: closest aspect
+ratio, longest whole-second duration that fits, at most ``max_frames``); cut back-to-back clips of
+the bucket's ``4k + 1`` frames at ``fps`` (:func:`contentv_jax.video.clip_frame_indices`); resize +
+center-crop to the bucket; scale to ``[-1, 1]``; ``vae.encode(x (B, T, H, W, 3))`` then
+``vae.normalize(z.mode())`` (or ``.sample(key)``) -> normalised latents ``(T', h, w, 16)``; the caption
+through :class:`contentv_jax.text.TextEncoders` -> ``prompt_embeds (77 + L, Dctx)``, ``pooled (Dpool,)``.
+
+Output ``OUT/``:
+- ``<bucket key>.array_record`` (``<bucket key>.shard-SSSSS-of-NNNNN.array_record`` when sharded over
+  several encode jobs): one record per clip, bytes of an ``.npz`` (no pickle) holding
+  ``latents`` float32 (T', h, w, C), ``prompt_embeds`` (77 + L, Dctx), ``pooled`` (Dpool,) (float32, or
+  float16 with ``embeds_dtype="float16"``) and ``meta`` (JSON: file, caption, clip, frame indices,
+  bucket); read with :func:`decode_record`;
+- ``null_text.npz``: the empty prompt's ``prompt_embeds (1, 77 + L, Dctx)``, ``pooled (1, Dpool)``
+  (caption dropout for CFG);
+- ``index.json`` (written last): buckets (key, frames, height, width, latent shape, record count,
+  record files in order), text widths, fps, the config and the stats. :func:`read_index` loads it.
+  Sharded encodes (``--num-shards N --shard-index I``, e.g. one per machine) each write
+  ``index.shard-I-of-N.json``; the last to finish merges them (:func:`merge_shards`).
+
+Every file goes through a temporary sibling and ``os.replace``. Bad input never ends a run: an
+unreadable, truncated or zero-byte video, a video shorter than one clip, a file without a caption, a
+caption whose file is missing, a malformed ``captions.jsonl`` line: each is skipped with a warning
+naming the file, counted in :class:`EncodeStats` (``skipped[reason] = [files]``) and printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contentv_jax.train.buckets import Bucket, assign_bucket, make_buckets
+from contentv_jax.video import (
+    VideoReadError,
+    clip_frame_indices,
+    probe_video,
+    resize_center_crop,
+)
+
+__all__ = [
+    "EncodeStats",
+    "encode_dataset",
+    "encode_record",
+    "decode_record",
+    "read_index",
+    "load_null_text",
+    "merge_shards",
+    "INDEX_NAME",
+    "NULL_TEXT_NAME",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+NULL_TEXT_NAME = "null_text.npz"
+FORMAT_VERSION = 2  # 2: bucket entries list "files" (encode shards)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+
+SKIP_REASONS = ("unreadable", "too_short", "no_caption", "missing_file", "bad_caption_line")
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    """Counts of an encode run. ``skipped`` maps a reason (``unreadable``: corrupt, truncated or
+    zero-byte; ``too_short``: shorter than one clip; ``no_caption``: a media file in the data dir with no
+    caption line; ``missing_file``: a caption whose file does not exist; ``bad_caption_line``) to the
+    files (or ``captions.jsonl:<line>``) skipped for it."""
+
+    files_seen: int = 0
+    files_encoded: int = 0
+    records: int = 0
+    records_per_bucket: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
+    seconds: float = 0.0
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    def summary(self) -> str:
+        lines = [
+            f"encoded {self.files_encoded}/{self.files_seen} files into {self.records} records "
+            f"in {len(self.records_per_bucket)} buckets ({self.seconds:.1f} s); skipped {self.num_skipped}"
+        ]
+        for k in sorted(self.records_per_bucket):
+            lines.append(f"  bucket {k}: {self.records_per_bucket[k]} records")
+        for reason, files in self.skipped.items():
+            if files:
+                lines.append(f"  skipped ({reason}): {len(files)}: {', '.join(files)}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# record format
+
+def encode_record(latents: np.ndarray, prompt_embeds: np.ndarray, pooled: np.ndarray, meta: dict) -> bytes:
+    """One record's bytes: an uncompressed ``.npz`` of the three arrays and ``meta`` as JSON (no pickle)."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        latents=np.ascontiguousarray(latents),
+        prompt_embeds=np.ascontiguousarray(prompt_embeds),
+        pooled=np.ascontiguousarray(pooled),
+        meta=np.array(json.dumps(meta)),
+    )
+    return buf.getvalue()
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode_record`: ``{"latents", "prompt_embeds", "pooled"}`` as float32 arrays, ``"meta"`` dict."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {
+            "latents": z["latents"].astype(np.float32, copy=False),
+            "prompt_embeds": z["prompt_embeds"].astype(np.float32, copy=False),
+            "pooled": z["pooled"].astype(np.float32, copy=False),
+            "meta": json.loads(str(z["meta"])),
+        }
+
+
+def read_index(records_dir: str | os.PathLike) -> dict[str, Any]:
+    """``index.json`` of an encoded directory. Raises FileNotFoundError (naming the path) or ValueError
+    for an unknown format version."""
+    p = Path(records_dir) / INDEX_NAME
+    if not p.is_file():
+        shards = sorted(x.name for x in Path(records_dir).glob("index.shard-*.json"))
+        hint = f" (shard indexes present: {', '.join(shards)}; some shards have not finished)" if shards else ""
+        raise FileNotFoundError(f"{p}: no index; encode the data first (python -m contentv_jax.encode){hint}")
+    index = json.loads(p.read_text())
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{p}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}: "
+            "re-encode the data (python -m contentv_jax.encode)"
+        )
+    return index
+
+
+def load_null_text(records_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The empty prompt's ``(prompt_embeds float32 (1, L, Dctx), pooled float32 (1, Dpool))`` of an encoded dir."""
+    with np.load(Path(records_dir) / NULL_TEXT_NAME, allow_pickle=False) as z:
+        return z["prompt_embeds"].astype(np.float32), z["pooled"].astype(np.float32)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool = True) -> list[tuple[str, str]]:
+    path = data_dir / "captions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no captions.jsonl in the data directory (lines of {{\"file\", \"caption\"}})")
+    items, seen = [], set()
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            file, caption = obj["file"], obj["caption"]
+            if not isinstance(file, str) or not isinstance(caption, str):
+                raise TypeError("file and caption must be strings")
+        except (ValueError, KeyError, TypeError) as e:
+            if report_uncaptioned:
+                _skip(stats, "bad_caption_line", f"{path.name}:{n}", f"malformed line ({e})")
+            continue
+        if file in seen:
+            log.warning("%s:%d: %s already captioned; the first caption is kept", path.name, n, file)
+            continue
+        seen.add(file)
+        items.append((file, caption))
+    media = {
+        p.relative_to(data_dir).as_posix()
+        for p in data_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    }
+    if report_uncaptioned:
+        for file in sorted(media - seen):
+            _skip(stats, "no_caption", file, "no caption in captions.jsonl")
+    return items
+
+
+def _skip(stats: EncodeStats, reason: str, file: str, why: str) -> None:
+    stats.skipped[reason].append(file)
+    log.warning("skipping %s: %s", file, why)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))[None]
+    except Exception as e:
+        raise VideoReadError(f"image {str(path)!r}: cannot decode ({type(e).__name__}: {e})") from e
+
+
+def _iter_clips(path: Path, index_lists: list[np.ndarray], height: int, width: int):
+    """Yield each clip of ``index_lists`` resized + cropped to ``(height, width)``, decoding ``path`` once.
+
+    Only the clips in progress are held (as resized frames), never the whole decoded video.
+    Raises VideoReadError when the file ends before the last requested frame.
+    """
+    from contentv_jax.video import iter_video_frames
+
+    where: dict[int, list[tuple[int, int]]] = {}
+    for c, idx in enumerate(index_lists):
+        for j, i in enumerate(idx.tolist()):
+            where.setdefault(i, []).append((c, j))
+    pending: dict[int, np.ndarray] = {}
+    last = [int(idx.max()) for idx in index_lists]
+    nxt = 0
+    n = 0
+    for i, frame in enumerate(iter_video_frames(path)):
+        n = i + 1
+        if i in where:
+            small = resize_center_crop(frame[None], height, width)[0]
+            for c, j in where[i]:
+                if c not in pending:
+                    pending[c] = np.empty((len(index_lists[c]), height, width, 3), np.uint8)
+                pending[c][j] = small
+        while nxt < len(index_lists) and last[nxt] <= i:
+            yield pending.pop(nxt)
+            nxt += 1
+        if nxt == len(index_lists):
+            return
+    raise VideoReadError(f"video {str(path)!r}: frame {last[nxt]} requested but only {n} frames decode (truncated?)")
+
+
+# ------------------------------------------------------------------------------------------------
+# VAE
+
+def _make_vae_fn(vae, latent_mode: str):
+    """``fn(x (B, T, H, W, 3) float32 in [-1, 1], key) -> normalised latents (B, T', h, w, C)``.
+
+    Calls the VAE's own ``encode`` (the Wan VAE compiles it once per input shape) and ``normalize``.
+    """
+    import jax.numpy as jnp
+
+    def run(x, key):
+        dist = vae.encode(jnp.asarray(x))
+        z = dist.sample(key) if latent_mode == "sample" else dist.mode()
+        return vae.normalize(z)
+
+    return run
+
+
+def _resolve_vae(vae):
+    if isinstance(vae, (str, os.PathLike)):
+        from contentv_jax.models import load_vae
+
+        return load_vae(vae)
+    return vae
+
+
+def _resolve_text(text_encoders):
+    if isinstance(text_encoders, (str, os.PathLike)):
+        from contentv_jax.text import TextEncoders
+
+        return TextEncoders.from_pretrained(text_encoders)
+    return text_encoders
+
+
+# ------------------------------------------------------------------------------------------------
+# the encode loop
+
+def encode_dataset(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    vae,
+    text_encoders,
+    *,
+    fps: float = 24.0,
+    max_frames: int = 125,
+    max_height: int = 432,
+    max_width: int = 768,
+    max_clips_per_video: int | None = None,
+    max_sequence_length: int = 256,
+    latent_mode: str = "mode",
+    embeds_dtype: str = "float32",
+    vae_batch_size: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> EncodeStats:
+    """Encode ``data_dir`` (videos/images + ``captions.jsonl``) into bucketed records under ``out_dir``.
+
+    Args:
+      vae: a VAE object (``encode(x) -> dist`` with ``.mode()``/``.sample(key)``, ``normalize(z)``;
+        :func:`contentv_jax.models.load_vae`) or a path for ``load_vae``.
+      text_encoders: a :class:`contentv_jax.text.TextEncoders` or a model directory for it.
+      fps: clip frame rate (clips are resampled by frame index to it).
+      max_frames, max_height, max_width: the stage's maximum shape (buckets: :func:`make_buckets`).
+      max_clips_per_video: clips cut per video (default: every back-to-back clip that fits).
+      max_sequence_length: T5 tokens (256 for ContentV).
+      latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed``, the file name and
+        the clip number: the same with any sharding).
+      embeds_dtype: storage of text embeddings, ``"float32"`` or ``"float16"`` (read back as float32).
+      vae_batch_size: clips per VAE call (same bucket only).
+      num_shards, shard_index: encode only the caption lines ``i`` with ``i % num_shards ==
+        shard_index`` (one process or machine per shard, same ``out_dir``); each shard writes its own
+        record files and ``index.shard-SSSSS-of-NNNNN.json``; the shard that finds all shard indexes
+        present writes the merged ``index.json`` (:func:`merge_shards` does it explicitly).
+
+    Returns :class:`EncodeStats`; the summary is also printed. Raises FileNotFoundError when
+    ``captions.jsonl`` is missing, ValueError for a bad option; bad files are skipped, never raised.
+    """
+    import jax
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} not in [0, num_shards={num_shards})")
+    if latent_mode not in ("mode", "sample"):
+        raise ValueError(f"latent_mode must be 'mode' or 'sample', got {latent_mode!r}")
+    if embeds_dtype not in ("float32", "float16"):
+        raise ValueError(f"embeds_dtype must be 'float32' or 'float16', got {embeds_dtype!r}")
+    t0 = time.time()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    buckets = make_buckets(max_frames, max_height, max_width, fps=fps, images=True, videos=max_frames > 1)
+    image_buckets = [b for b in buckets if b.is_image]
+    video_buckets = [b for b in buckets if not b.is_image]
+    stats = EncodeStats()
+    items = _read_captions(data_dir, stats, report_uncaptioned=shard_index == 0)
+    items = items[shard_index::num_shards]
+    suffix = "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
+    vae = _resolve_vae(vae)
+    text = _resolve_text(text_encoders)
+    vae_fn = _make_vae_fn(vae, latent_mode)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # a directory being (re-)encoded has no index: readers never pair old files with new ones
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    (out_dir / f"index{suffix}.json").unlink(missing_ok=True)
+    edtype = np.float16 if embeds_dtype == "float16" else np.float32
+
+    writers: dict[str, tuple[Any, Path, Path]] = {}
+    bucket_of: dict[str, Bucket] = {}
+    latent_channels = None
+
+    def writer_for(b: Bucket):
+        if b.key not in writers:
+            final = out_dir / f"{b.key}{suffix}.array_record"
+            tmp = out_dir / f".{b.key}{suffix}.array_record.tmp"
+            writers[b.key] = (ArrayRecordWriter(str(tmp), "group_size:1"), tmp, final)
+            bucket_of[b.key] = b
+        return writers[b.key][0]
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), desc="encode", unit="file")
+    try:
+        for file, caption in items:
+            stats.files_seen += 1
+            if bar is not None:
+                bar.update(1)
+            path = data_dir / file
+            if not path.is_file():
+                _skip(stats, "missing_file", file, f"captioned but not found at {path}")
+                continue
+            try:
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    img = _read_image(path)
+                    bucket = assign_bucket(image_buckets, img.shape[1], img.shape[2], 1, 1.0)
+                    index_lists = [np.zeros(1, np.int64)]
+                    clips = iter([resize_center_crop(img, bucket.height, bucket.width)])
+                else:
+                    info = probe_video(path, exact=True)  # demux only; detects truncation
+                    if video_buckets:
+                        bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
+                    else:  # an image-only stage (max_frames = 1): frames of videos are images
+                        bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
+                    index_lists = [] if bucket is None else clip_frame_indices(
+                        info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
+                    )
+                    if not index_lists:
+                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
+                              f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
+                              f"at {fps:g} fps")
+                        continue
+                    clips = _iter_clips(path, index_lists, bucket.height, bucket.width)
+                embeds, pooled = None, None
+                latents = []  # a file's records are written only once all of its clips encoded
+                for c0 in range(0, len(index_lists), vae_batch_size):
+                    chunk = [next(clips) for _ in range(min(vae_batch_size, len(index_lists) - c0))]
+                    x = np.stack(chunk).astype(np.float32) / 127.5 - 1.0
+                    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(file.encode())), c0)
+                    lat = np.asarray(jax.device_get(vae_fn(x, key)), dtype=np.float32)
+                    if lat.ndim != 5 or lat.shape[0] != len(chunk):
+                        raise ValueError(f"VAE returned latents of shape {lat.shape}; expected ({len(chunk)}, T', h, w, C)")
+                    latents.extend(lat)
+            except VideoReadError as e:
+                _skip(stats, "unreadable", file, str(e))
+                continue
+
+            embeds, pooled = text.encode([caption], max_sequence_length=max_sequence_length)
+            w = writer_for(bucket)
+            latent_channels = latents[0].shape[-1]
+            for j, z in enumerate(latents):
+                meta = {
+                    "file": file,
+                    "caption": caption,
+                    "clip": j,
+                    "frame_indices": index_lists[j].tolist(),
+                    "bucket": bucket.key,
+                }
+                w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
+                stats.records += 1
+                stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
+            stats.files_encoded += 1
+    except BaseException:
+        for w, tmp, _ in writers.values():
+            w.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    for w, _, _ in writers.values():
+        w.close()
+
+    # everything written: move files into place, then the index last
+    for w, tmp, final in writers.values():
+        os.replace(tmp, final)
+    null_embeds, null_pooled = text.encode([""], max_sequence_length=max_sequence_length)
+    buf = io.BytesIO()
+    np.savez(buf, prompt_embeds=null_embeds.astype(np.float32), pooled=null_pooled.astype(np.float32))
+    _atomic_write_bytes(out_dir / NULL_TEXT_NAME, buf.getvalue())
+    stats.seconds = time.time() - t0
+    index = {
+        "format_version": FORMAT_VERSION,
+        "fps": fps,
+        "max_shape": [max_frames, max_height, max_width],
+        "latent_mode": latent_mode,
+        "text": {
+            "max_sequence_length": max_sequence_length,
+            "context_dim": int(null_embeds.shape[-1]),
+            "context_tokens": int(null_embeds.shape[1]),
+            "pooled_dim": int(null_pooled.shape[-1]),
+        },
+        "latent_channels": latent_channels,
+        "buckets": {
+            k: {
+                "frames": b.frames,
+                "height": b.height,
+                "width": b.width,
+                "aspect": b.aspect,
+                "latent_shape": list(b.latent_shape(latent_channels or 16)),
+                "num_records": stats.records_per_bucket[k],
+                "files": [f"{k}{suffix}.array_record"],
+                "file_records": [stats.records_per_bucket[k]],
+            }
+            for k, b in sorted(bucket_of.items())
+        },
+        "shard": [shard_index, num_shards],
+        "stats": dataclasses.asdict(stats),
+    }
+    if num_shards == 1:
+        _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=1).encode())
+    else:
+        _atomic_write_bytes(out_dir / f"index{suffix}.json", json.dumps(index, indent=1).encode())
+        if all((out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json").is_file() for i in range(num_shards)):
+            merge_shards(out_dir, num_shards)
+    print(stats.summary())
+    return stats
+
+
+def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+    """Merge the ``num_shards`` shard indexes of ``out_dir`` into ``index.json`` (idempotent).
+
+    Bucket entries list the shards' record files in shard order; counts and skip lists are summed.
+    Raises FileNotFoundError naming the missing shard indexes, ValueError when shards disagree on
+    fps, max shape, text widths or latent mode.
+    """
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: shard indexes missing: {', '.join(missing)} (those shards did not finish)")
+    shards = [json.loads(p.read_text()) for p in paths]
+    same = ("format_version", "fps", "max_shape", "latent_mode", "text")
+    for k in same:
+        if any(sh[k] != shards[0][k] for sh in shards):
+            raise ValueError(f"{out_dir}: shard indexes disagree on {k!r}: {[sh[k] for sh in shards]}")
+    merged = {k: shards[0][k] for k in same}
+    merged["latent_channels"] = next((sh["latent_channels"] for sh in shards if sh["latent_channels"]), None)
+    buckets: dict[str, dict] = {}
+    for sh in shards:
+        for k, e in sh["buckets"].items():
+            if k not in buckets:
+                buckets[k] = {**e, "files": [], "file_records": [], "num_records": 0}
+            buckets[k]["files"] += e["files"]
+            buckets[k]["file_records"] += e["file_records"]
+            buckets[k]["num_records"] += e["num_records"]
+    merged["buckets"] = dict(sorted(buckets.items()))
+    merged["shard"] = [0, 1]
+    stats = EncodeStats()
+    for sh in shards:
+        st = sh["stats"]
+        for f in ("files_seen", "files_encoded", "records"):
+            setattr(stats, f, getattr(stats, f) + st[f])
+        stats.seconds = max(stats.seconds, st["seconds"])
+        for k, n in st["records_per_bucket"].items():
+            stats.records_per_bucket[k] = stats.records_per_bucket.get(k, 0) + n
+        for reason, files in st["skipped"].items():
+            stats.skipped.setdefault(reason, []).extend(files)
+    merged["stats"] = dataclasses.asdict(stats)
+    _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(merged, indent=1).encode())
+    return merged
+
+
+def main(argv: Sequence[str] | None = None) -> EncodeStats:
+    p = argparse.ArgumentParser(prog="python -m contentv_jax.encode", description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="directory of videos/images and captions.jsonl")
+    p.add_argument("--out", required=True, help="output directory of records (index.json, *.array_record)")
+    p.add_argument("--vae", required=True, help="VAE checkpoint (diffusers format or ours; load_vae)")
+    p.add_argument("--text-encoders", required=True, help="model dir with tokenizer{,_2,_3}/ text_encoder{,_2,_3}/")
+    p.add_argument("--fps", type=float, default=24.0)
+    p.add_argument("--max-frames", type=int, default=125)
+    p.add_argument("--max-height", type=int, default=432)
+    p.add_argument("--max-width", type=int, default=768)
+    p.add_argument("--max-clips-per-video", type=int, default=None)
+    p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--latent-mode", choices=("mode", "sample"), default="mode")
+    p.add_argument("--embeds-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--vae-batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1, help="split the caption lines over this many encode jobs")
+    p.add_argument("--shard-index", type=int, default=0, help="this job's shard (0-based)")
+    a = p.parse_args(argv)
+    for name in ("data", "vae", "text_encoders"):
+        if not Path(getattr(a, name)).exists():
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: no such file or directory")
+    return encode_dataset(
+        a.data, a.out, a.vae, a.text_encoders, fps=a.fps, max_frames=a.max_frames, max_height=a.max_height,
+        max_width=a.max_width, max_clips_per_video=a.max_clips_per_video,
+        max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
+        vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
+    )
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
