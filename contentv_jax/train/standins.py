@@ -1,5 +1,5 @@
-"""TEMPORARY stand-ins for pieces other issues build (MM-DiT, VAE, text encoders, synthetic data,
-encode stage, grain data iterator), with the same APIs, so the trainer runs before they land.
+"""TEMPORARY stand-ins for pieces other issues build (VAE, synthetic data, encode stage,
+grain data iterator), with the same APIs, so the trainer runs before they land.
 
 The trainer imports the real modules first and falls back to these only on ImportError.
 Delete this file once ``models/transformer.py``, ``models/vae.py``, ``text.py``, ``encode.py``,
@@ -19,66 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-# ----------------------------------------------------------------------------- transformer
-
-
-@dataclasses.dataclass
-class TransformerConfig:
-    in_channels: int = 4
-    out_channels: int = 4
-    patch_size: int = 2
-    hidden_size: int = 64
-    num_layers: int = 2
-    joint_attention_dim: int = 64
-    pooled_projection_dim: int = 32
-    remat_policy: str = "none"
-
-
-def get_config(name: str) -> TransformerConfig:
-    if name != "tiny":
-        raise ValueError(f"stand-in transformer only knows 'tiny', got {name!r}")
-    return TransformerConfig()
-
-
-def _dense(din, dout, names, rngs):
-    return nnx.Linear(din, dout, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), names), rngs=rngs)
-
-
-class MMDiT(nnx.Module):
-    """Stand-in: patchify, token MLP blocks conditioned on timestep, pooled and mean context."""
-
-    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        c, p, d = config.in_channels, config.patch_size, config.hidden_size
-        with nnx.use_eager_sharding(False):
-            self.patch = _dense(p * p * c, d, ("patch_in", "embed"), rngs)
-            self.time = _dense(256, d, ("time_in", "embed"), rngs)
-            self.pool = _dense(config.pooled_projection_dim, d, ("pooled_in", "embed"), rngs)
-            self.ctx = _dense(config.joint_attention_dim, d, ("context_in", "embed"), rngs)
-            self.ups = nnx.List([_dense(d, 2 * d, ("embed", "mlp"), rngs) for _ in range(config.num_layers)])
-            self.downs = nnx.List([_dense(2 * d, d, ("mlp", "embed"), rngs) for _ in range(config.num_layers)])
-            self.out = _dense(d, p * p * config.out_channels, ("embed", "patch_out"), rngs)
-
-    def __call__(self, latents, timestep, context, pooled):
-        b, t, h, w, c = latents.shape
-        p = self.config.patch_size
-        x = latents.reshape(b, t, h // p, p, w // p, p, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, -1, p * p * c)
-        half = 128
-        freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-        args = timestep.astype(jnp.float32)[:, None] * freqs[None]
-        temb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], -1).astype(latents.dtype)
-        cond = nnx.silu(self.time(temb)) + self.pool(pooled) + self.ctx(context).mean(1)
-        hdn = self.patch(x) + cond[:, None]
-        for up, down in zip(self.ups, self.downs):
-            hdn = hdn + down(nnx.gelu(up(hdn)))
-        y = self.out(hdn)
-        return y.reshape(b, t, h // p, w // p, p, p, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h, w, c)
-
-
-def load_transformer(path):
-    raise NotImplementedError("the stand-in MM-DiT cannot load checkpoints; models/transformer.py has not landed")
-
 
 # ----------------------------------------------------------------------------- VAE
 
@@ -145,39 +85,6 @@ def load_vae(path):
         v.value = jnp.asarray(data["/".join(map(str, k))])
     nnx.update(vae, state)
     return vae
-
-
-# ----------------------------------------------------------------------------- text
-
-
-class TextEncoders:
-    """Stand-in: byte-hashed token embeddings (T5-like context) and mean-pooled (CLIP-like pooled)."""
-
-    def __init__(self, table_ctx, table_pool, max_length=32):
-        self.table_ctx, self.table_pool, self.max_length = table_ctx, table_pool, max_length
-
-    @classmethod
-    def from_pretrained(cls, path):
-        d = np.load(Path(path) / "standin_text.npz")
-        return cls(d["ctx"], d["pool"])
-
-    def encode(self, prompts):
-        ids = np.zeros((len(prompts), self.max_length), np.int64)
-        for i, p in enumerate(prompts):
-            words = p.lower().split()[: self.max_length]
-            for j, wd in enumerate(words):
-                ids[i, j] = 1 + (sum(wd.encode()) * 2654435761) % (self.table_ctx.shape[0] - 1)
-        ctx = self.table_ctx[ids]
-        pooled = self.table_pool[ids].mean(1)
-        return ctx.astype(np.float32), pooled.astype(np.float32)
-
-
-def build_tiny_text_encoders(dst_dir, clip_dims=(16, 16), t5_dim=64, seed=0):
-    rng = np.random.default_rng(seed)
-    Path(dst_dir).mkdir(parents=True, exist_ok=True)
-    np.savez(Path(dst_dir) / "standin_text.npz", ctx=rng.normal(size=(512, t5_dim)).astype(np.float32) * 0.5,
-             pool=rng.normal(size=(512, sum(clip_dims))).astype(np.float32))
-    return Path(dst_dir)
 
 
 # ----------------------------------------------------------------------------- synthetic data
@@ -251,7 +158,7 @@ def _resize_crop(frames, height, width):
     return np.stack(out)
 
 
-def encode_dataset(data_dir, out_dir, vae, text_encoders, *, frames, height, width, fps, max_clips_per_video=8):
+def encode_dataset(data_dir, out_dir, vae, text_encoders, *, frames, height, width, fps, max_sequence_length=32, max_clips_per_video=8):
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     captions = {}
@@ -278,7 +185,7 @@ def encode_dataset(data_dir, out_dir, vae, text_encoders, *, frames, height, wid
             warnings.warn(f"encode: skipping {name}: {len(vid)} frames at {fps} fps, shorter than one clip of {frames}")
             skipped.append({"file": name, "reason": "shorter than one clip"})
             continue
-        ctx, pooled = text_encoders.encode([captions[name]])
+        ctx, pooled = text_encoders.encode([captions[name]], max_sequence_length=max_sequence_length)
         for c in range(min(len(vid) // frames, max_clips_per_video)):
             clip = _resize_crop(vid[c * frames : (c + 1) * frames], height, width)
             x = jnp.asarray(clip, jnp.float32)[None] / 127.5 - 1.0

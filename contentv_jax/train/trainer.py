@@ -34,7 +34,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from contentv_jax.config import ConfigError, to_dict
 from contentv_jax.scheduler import sample_training_sigmas
-from contentv_jax.sharding.logical import DEFAULT_RULES, activation_sharding, logical_to_spec
+from contentv_jax.sharding.distributed import is_main_process
+from contentv_jax.sharding.logical import activation_sharding
 from contentv_jax.sharding.mesh import create_mesh
 from contentv_jax.train import loss as fm
 from contentv_jax.train.checkpoint import TrainCheckpointer
@@ -56,29 +57,17 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 
 
 def _components() -> SimpleNamespace:
-    """The model, VAE, text, data modules: the real ones where they have landed, else the stand-ins."""
+    """The VAE and data modules: the real ones where they have landed, else the stand-ins."""
     from contentv_jax.train import standins as S
 
     ns = SimpleNamespace()
-    try:
-        from contentv_jax.models import transformer as T
-
-        ns.get_config, ns.MMDiT, ns.load_transformer = T.get_config, T.MMDiT, T.load_transformer
-    except ImportError:
-        ns.get_config, ns.MMDiT, ns.load_transformer = S.get_config, S.MMDiT, S.load_transformer
     ns.get_vae_config, ns.WanVAE, ns.load_vae, ns.save_vae = S.get_vae_config, S.WanVAE, S.load_vae, S.save_vae
-    ns.TextEncoders, ns.build_tiny_text_encoders = S.TextEncoders, S.build_tiny_text_encoders
     ns.make_synthetic_dataset, ns.encode_dataset, ns.RecordIterator = (
         S.make_synthetic_dataset,
         S.encode_dataset,
         S.RecordIterator,
     )
     return ns
-
-
-def is_main_process() -> bool:
-    """Process 0 writes logs and checkpoint metadata."""
-    return jax.process_index() == 0
 
 
 def _cfg_get(config, *names, default=None):
@@ -116,19 +105,6 @@ def _atomic_write(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------- sharding
 
 
-def param_shardings(params_state, mesh, rules=DEFAULT_RULES):
-    """NamedShardings for an nnx ``State`` of parameters from their logical ``out_sharding`` names."""
-
-    def one(v):
-        names = getattr(v, "out_sharding", None) or getattr(v, "sharding_names", None)
-        value = v.value if hasattr(v, "value") else v
-        if not names:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, logical_to_spec(tuple(names), rules))
-
-    return jax.tree.map(one, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def _match_tree(opt_abstract, params_treedef, param_sh, replicated):
     """Shardings for an optax state: subtrees shaped like the params get the params' shardings."""
     if jax.tree.structure(opt_abstract) == params_treedef:
@@ -160,7 +136,7 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
 
     def loss_fn(params, x_sigma, t, context, pooled, target):
         state = jax.tree.map(lambda v: v, params_template)
-        nnx.replace_by_pure_dict(state, jax.tree.map(lambda p: p.astype(dtype), params))
+        nnx.replace_by_pure_dict(state, params)  # float32 master weights; the model computes in its dtype
         model = nnx.merge(graphdef, state, rest)
         velocity = model(x_sigma.astype(dtype), t, context.astype(dtype), pooled.astype(dtype))
         return fm.velocity_mse(velocity, target)
@@ -238,30 +214,76 @@ class Trainer:
             _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def _model_config(self):
+        """The TransformerConfig to train: named (random init) or the checkpoint's, with our dtype and remat."""
+        from converters import common
+        from contentv_jax.models import transformer as T
+
         cfg = self.cfg.model
+        ov = {"dtype": cfg.dtype, "param_dtype": "float32"}
+        if cfg.remat_policy:
+            if cfg.remat_policy not in T.REMAT_POLICIES:
+                raise ConfigError(
+                    f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
+                )
+            ov["remat_policy"] = cfg.remat_policy
         if cfg.init == "random":
-            mc = self.C.get_config(cfg.name)
-            if cfg.remat_policy and hasattr(mc, "remat_policy"):
-                mc = dataclasses.replace(mc, remat_policy=cfg.remat_policy)
-            return mc, None
-        if not Path(cfg.init).exists():
-            raise ConfigError(f"config key 'model.init': {cfg.init!r} is neither 'random' nor an existing path")
-        model = self.C.load_transformer(cfg.init)
-        return model.config, model
+            try:
+                return T.get_config(cfg.name, **ov), "random"
+            except KeyError:
+                raise ConfigError(f"config key 'model.name': unknown transformer {cfg.name!r}; known: {sorted(T.CONFIGS)}") from None
+        path = Path(cfg.init)
+        if common.is_our_checkpoint(path):
+            return T.TransformerConfig.from_dict(common.read_our_config(path)).replace(**ov), "ours"
+        if common.is_diffusers_dir(path):
+            raw = json.loads((path / "config.json").read_text())
+            return T.TransformerConfig.from_diffusers_config(raw, **ov), "diffusers"
+        raise ConfigError(
+            f"config key 'model.init': {cfg.init!r} is neither 'random' nor a transformer checkpoint "
+            "(a diffusers directory or a contentv-jax checkpoint)"
+        )
+
+    def _build_model(self, mc, source):
+        """The model with its parameters in their shardings on the mesh (float32 master weights)."""
+        from contentv_jax.models import transformer as T
+        from contentv_jax.sharding.init import create_sharded, load_sharded, state_shardings
+
+        seed = self.cfg.seed
+        if source == "random":
+            return create_sharded(lambda: T.MMDiT(mc, rngs=nnx.Rngs(seed)), self.mesh)
+        if source == "ours":
+            return load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
+        model = T.load_transformer(
+            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
+        )
+        graphdef, state = nnx.split(model)
+        sh = state_shardings(state, self.mesh)
+        state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, sh)
+        return nnx.merge(graphdef, state)
 
     def _text_encoders(self, model_config):
+        from contentv_jax.text import TextEncoders, build_tiny_text_encoders
+
         t = self.cfg.text
         if t.path:
-            return self.C.TextEncoders.from_pretrained(t.path)
-        ctx_dim = _cfg_get(model_config, "joint_attention_dim", "context_dim")
-        pool_dim = _cfg_get(model_config, "pooled_projection_dim", "pooled_dim")
-        clip = (pool_dim // 2, pool_dim - pool_dim // 2)
-        dst = self.run_dir / "assets" / "text"
-        if self.main and not (dst / ".complete").exists():
-            self.C.build_tiny_text_encoders(dst, clip_dims=clip, t5_dim=ctx_dim, seed=self.cfg.seed)
-            (dst / ".complete").write_text("")
-        _sync("text")
-        return self.C.TextEncoders.from_pretrained(dst)
+            text = TextEncoders.from_pretrained(t.path)
+        else:
+            # tiny encoders sized for the model: context width = joint_attention_dim, pooled = 2 CLIPs
+            pool = model_config.pooled_projection_dim
+            clip = (pool // 2, pool - pool // 2)
+            dst = self.run_dir / "assets" / "text"
+            if self.main and not dst.exists():
+                build_tiny_text_encoders(dst, clip_dims=clip, t5_dim=model_config.joint_attention_dim, seed=self.cfg.seed)
+            _sync("text")
+            text = TextEncoders.from_pretrained(dst)
+        for key, got, want in (
+            ("text.path", text.context_dim, model_config.joint_attention_dim),
+            ("text.path", text.pooled_dim, model_config.pooled_projection_dim),
+        ):
+            if got != want:
+                raise ConfigError(
+                    f"config key {key!r}: the text encoders give width {got}, the transformer expects {want}"
+                )
+        return text
 
     def _vae(self):
         v = self.cfg.vae
@@ -293,7 +315,10 @@ class Trainer:
         cache = Path(d.cache_dir) if d.cache_dir else self.run_dir / "encoded"
         stats_path = cache / "encode_stats.json"
         if self.main and not stats_path.exists():
-            stats = self.C.encode_dataset(data_dir, cache, vae, text, frames=frames, height=h, width=w, fps=d.fps)
+            stats = self.C.encode_dataset(
+                data_dir, cache, vae, text, frames=frames, height=h, width=w, fps=d.fps,
+                max_sequence_length=self.cfg.text.max_length,
+            )
             _atomic_write(stats_path, json.dumps(stats, indent=1))
         _sync("encode")
         self.encode_stats = json.loads(stats_path.read_text())
@@ -304,20 +329,17 @@ class Trainer:
         return cache
 
     # -- state
-    def _init_state(self, model_config, loaded_model, tx):
+    def _init_state(self, model_config, source, tx):
+        from contentv_jax.sharding.init import state_shardings
+
         cfg = self.cfg
-        if loaded_model is None:
-            with nnx.use_eager_sharding(False):
-                model = self.C.MMDiT(model_config, rngs=nnx.Rngs(cfg.seed))
-        else:
-            model = loaded_model
+        model = self._build_model(model_config, source)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        p_sh_state = param_shardings(params, self.mesh)
-        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh))
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         pure = nnx.to_pure_dict(params)
-        p_sh = nnx.to_pure_dict(p_sh_state)
-        pure = jax.tree.map(lambda x, s: jax.device_put(x, s), pure, p_sh)
+        if any(x.dtype != jnp.float32 for x in jax.tree.leaves(pure)):
+            raise ValueError("master weights must be float32 (model param_dtype)")
         repl = NamedSharding(self.mesh, PartitionSpec())
         rest = jax.device_put(rest, repl)
         opt_abstract = jax.eval_shape(tx.init, pure)
@@ -352,21 +374,21 @@ class Trainer:
         """Everything before the first step: assets, data, model, optimizer, compiled step, resume."""
         cfg = self.cfg
         self._write_config()
-        model_config, loaded = self._model_config()
+        model_config, source = self._model_config()
         text = self._text_encoders(model_config)
         vae = self._vae()
         z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
-        in_ch = _cfg_get(model_config, "in_channels")
+        in_ch = model_config.in_channels
         if z_dim is not None and in_ch is not None and z_dim != in_ch:
             raise ConfigError(
                 f"config key 'vae.name': the VAE's {z_dim} latent channels do not match model "
                 f"{cfg.model.name!r}'s in_channels={in_ch}"
             )
         encoded = self._data(vae, text)
-        empty_ctx, empty_pooled = text.encode([""])
+        empty_ctx, empty_pooled = text.encode([""], max_sequence_length=cfg.text.max_length)
         del vae, text
         self.tx = make_optimizer(cfg.optimizer)
-        graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, loaded, self.tx)
+        graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
         self.state, self.state_sh, self.template = state, state_sh, template
         repl = NamedSharding(self.mesh, PartitionSpec())
         step_fn = make_train_step(
