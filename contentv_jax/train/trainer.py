@@ -44,7 +44,6 @@ from contentv_jax.train.config import (
     VAE_SPATIAL_FACTOR,
     VAE_TEMPORAL_FACTOR,
     TrainConfig,
-    parse_aspect_ratio,
     validate,
 )
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
@@ -82,11 +81,11 @@ def bucket_shape(cfg: TrainConfig) -> tuple[int, int, int]:
     largest area <= ``max_height * max_width`` on the 16-pixel grid (VAE 8x times patch 2)."""
     b = cfg.buckets
     unit = VAE_SPATIAL_FACTOR * PATCH_SIZE
-    w_r, h_r = parse_aspect_ratio(b.aspect_ratios[0])
+    w_r, h_r = (int(v) for v in b.aspect_ratios[0].split(":"))
     scale = math.sqrt(b.max_height * b.max_width / (w_r * h_r))
     h = max(unit, int(h_r * scale) // unit * unit)
     w = max(unit, int(w_r * scale) // unit * unit)
-    frames = max(d for d in b.durations)
+    frames = b.max_frames
     return frames, h, w
 
 
@@ -336,6 +335,7 @@ class Trainer:
         model = self._build_model(model_config, source)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh))
+        self.param_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         pure = nnx.to_pure_dict(params)
         if any(x.dtype != jnp.float32 for x in jax.tree.leaves(pure)):
@@ -390,6 +390,7 @@ class Trainer:
         self.tx = make_optimizer(cfg.optimizer)
         graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
         self.state, self.state_sh, self.template = state, state_sh, template
+        self.graphdef, self.rest, self.model_config = graphdef, rest, model_config
         repl = NamedSharding(self.mesh, PartitionSpec())
         step_fn = make_train_step(
             graphdef, template, rest, self.tx, cfg, jax.device_put(jnp.asarray(empty_ctx[0]), repl),
@@ -417,6 +418,17 @@ class Trainer:
             self.data_iter.set_state(data_state)
             self.start_step = latest
         return self
+
+    def export(self, dst: Path) -> None:
+        """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
+        ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``)."""
+        from converters.common import save_checkpoint
+
+        weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
+        state = jax.tree.map(lambda v: v, self.param_state)
+        nnx.replace_by_pure_dict(state, weights)
+        model = nnx.merge(self.graphdef, state, self.rest)
+        save_checkpoint(dst, nnx.state(model), self.model_config.to_dict())
 
     def global_batch(self, local: dict) -> dict:
         """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
@@ -481,6 +493,8 @@ class Trainer:
             if step not in self.ckpt.all_steps():
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
             self.ckpt.wait()
+            if cfg.checkpoint.export and status == "completed":
+                self.export(self.run_dir / "transformer")
         finally:
             self.ckpt.close()
             bar.close()
