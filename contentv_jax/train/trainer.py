@@ -370,8 +370,9 @@ class Trainer:
             "pooled": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
         }
 
-    def setup(self):
-        """Everything before the first step: assets, data, model, optimizer, compiled step, resume."""
+    def prepare(self):
+        """Write the resolved config; build or load the text encoders and VAE; render (synthetic) and
+        encode the dataset (cached). Returns ``(model_config, source, encoded_dir, empty_context, empty_pooled)``."""
         cfg = self.cfg
         self._write_config()
         model_config, source = self._model_config()
@@ -386,7 +387,12 @@ class Trainer:
             )
         encoded = self._data(vae, text)
         empty_ctx, empty_pooled = text.encode([""], max_sequence_length=cfg.text.max_length)
-        del vae, text
+        return model_config, source, encoded, empty_ctx, empty_pooled
+
+    def setup(self):
+        """Everything before the first step: :meth:`prepare`, model, optimizer, compiled step, resume."""
+        cfg = self.cfg
+        model_config, source, encoded, empty_ctx, empty_pooled = self.prepare()
         self.tx = make_optimizer(cfg.optimizer)
         graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
         self.state, self.state_sh, self.template = state, state_sh, template
