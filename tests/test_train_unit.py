@@ -153,8 +153,8 @@ def test_unknown_key_and_impossible_shape_fail_naming_the_key():
         load_train_config(None, ["buckets.max_height=100"])
     with pytest.raises(ConfigError, match="buckets.max_frames"):
         load_train_config(None, ["buckets.max_frames=10"])
-    with pytest.raises(ConfigError, match="buckets.aspect_ratios"):
-        load_train_config(None, ["buckets.aspect_ratios=[5:4]"])
+    with pytest.raises(ConfigError, match="buckets.image_fraction"):
+        load_train_config(None, ["buckets.images=true", "buckets.batch_image=2", "buckets.image_fraction=0"])
 
 
 def test_cli_bad_config_fails_before_any_work(tmp_path, capsys):

@@ -35,6 +35,7 @@ class ModelConfig:
     init: str = "random"
     dtype: str = "bfloat16"
     remat_policy: str = ""
+    latent_channels: int = 0
 
 
 @dataclasses.dataclass
@@ -62,7 +63,8 @@ class DataSection:
     ``<run_dir>/encoded`` (``cache_dir`` overrides) and reused by later runs.
 
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
-    ``fps``: clip frame rate. ``num_synthetic``: number of synthetic videos.
+    ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
+    count and frames per video (at ``fps``). ``num_threads``: grain read threads.
     """
 
     dir: str = ""
@@ -70,10 +72,8 @@ class DataSection:
     fps: float = 8.0
     caption_dropout: float = 0.1
     num_synthetic: int = 16
-    num_workers: int = 0
-
-
-ASPECT_RATIOS = ("16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16")
+    synthetic_frames: int = 24
+    num_threads: int = 2
 
 
 @dataclasses.dataclass
@@ -81,11 +81,11 @@ class BucketSection:
     """Aspect-ratio x duration buckets (report section 5) and the batch sizes of Table 2.
 
     ``max_frames`` x ``max_height`` x ``max_width``: the stage's largest clip in pixels (frames 4k+1;
-    height and width multiples of 16); every aspect ratio keeps this area; durations are whole seconds
-    at ``data.fps`` up to ``max_frames`` (``contentv_jax.train.buckets.make_buckets``).
-    ``aspect_ratios``: a subset of ``16:9 3:2 4:3 1:1 3:4 2:3 9:16`` (width:height).
+    height and width multiples of 16); the seven aspect ratios 16:9 3:2 4:3 1:1 3:4 2:3 9:16 keep this
+    area; durations are whole seconds at ``data.fps`` up to ``max_frames``
+    (``contentv_jax.train.buckets.make_buckets``).
     ``batch_video`` / ``batch_image``: total (global) batch at the largest video / image bucket (smaller
-    buckets scale it up to keep tokens per step, at most ``max_batch_scale`` x).
+    buckets scale it up to keep tokens per step about constant).
     ``videos`` / ``images``: which kinds of bucket train; ``image_fraction``: share of steps that draw an
     image bucket when both do (the report's balanced image/video mix is 0.5).
     """
@@ -93,13 +93,11 @@ class BucketSection:
     max_frames: int = 9
     max_height: int = 64
     max_width: int = 64
-    aspect_ratios: tuple[str, ...] = ("1:1",)
     batch_video: int = 4
     batch_image: int = 0
     videos: bool = True
     images: bool = False
     image_fraction: float = 0.0
-    max_batch_scale: int = 64
 
 
 @dataclasses.dataclass
@@ -179,7 +177,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     Raises:
       ConfigError: naming the key, for frames that are not 4k+1, spatial sizes not divisible by
-        ``VAE_SPATIAL_FACTOR * PATCH_SIZE`` (16), an unknown aspect ratio, batch sizes or
+        ``VAE_SPATIAL_FACTOR * PATCH_SIZE`` (16), batch sizes or
         probabilities out of range, an unknown schedule or dtype, non-positive steps.
     """
     def err(key, msg):
@@ -198,11 +196,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, v in (("buckets.max_height", b.max_height), ("buckets.max_width", b.max_width)):
         if v < unit or v % unit:
             err(key, f"must be a positive multiple of {unit} (VAE 8x times patch 2), got {v}")
-    if not b.aspect_ratios:
-        err("buckets.aspect_ratios", "needs at least one aspect ratio")
-    for r in b.aspect_ratios:
-        if r not in ASPECT_RATIOS:
-            err("buckets.aspect_ratios", f"{r!r} is not one of {ASPECT_RATIOS}")
     if not (b.videos or b.images):
         err("buckets.videos", "at least one of buckets.videos / buckets.images must be true")
     if b.videos and b.max_frames == 1:
@@ -215,10 +208,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("buckets.image_fraction", f"must be in [0, 1], got {b.image_fraction}")
     if b.images and b.videos and b.image_fraction in (0.0, 1.0):
         err("buckets.image_fraction", "must be strictly between 0 and 1 when both images and videos train")
-    if b.max_batch_scale < 1:
-        err("buckets.max_batch_scale", f"must be >= 1, got {b.max_batch_scale}")
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         err("data.caption_dropout", f"must be in [0, 1], got {cfg.data.caption_dropout}")
+    if cfg.model.latent_channels < 0:
+        err("model.latent_channels", f"must be >= 0, got {cfg.model.latent_channels}")
+    if not cfg.data.dir and cfg.data.synthetic_frames < cfg.buckets.max_frames:
+        err("data.synthetic_frames", f"must be >= buckets.max_frames={cfg.buckets.max_frames} for one clip per video")
     if cfg.data.fps <= 0:
         err("data.fps", f"must be > 0, got {cfg.data.fps}")
     o = cfg.optimizer
