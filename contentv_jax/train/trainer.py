@@ -288,25 +288,16 @@ class Trainer:
         _sync("vae")
         return self.C.load_vae(dst)
 
-    def _data(self, vae, text):
+    def _data(self):
         """Render the synthetic dataset (no ``data.dir``), then encode once into the cache (its
         ``index.json`` is written last, so a present index means a complete encode)."""
         from contentv_jax.encode import encode_dataset, read_index
         from contentv_jax.train.synthetic import make_synthetic_dataset
 
         d, b = self.cfg.data, self.cfg.buckets
-        if d.dir:
-            data_dir = Path(d.dir)
-        else:
-            data_dir = self.run_dir / "data"
-            if self.main and not (data_dir / "captions.jsonl").exists():
-                # one frame size (the max shape): one bucket, one compile
-                make_synthetic_dataset(
-                    data_dir, num_videos=d.num_synthetic, seed=self.cfg.seed, num_frames=d.synthetic_frames, fps=d.fps,
-                    sizes=((b.max_height, b.max_width),),
-                )
         cache = self.cache_dir
         want = {"fps": d.fps, "max_shape": [b.max_frames, b.max_height, b.max_width], "max_sequence_length": self.cfg.text.max_length}
+        data_dir = Path(d.dir) if d.dir else self.run_dir / "data"
         if self.main:
             have = None
             if (cache / "index.json").exists():
@@ -316,6 +307,19 @@ class Trainer:
                 if have != want:
                     warnings.warn(f"encoded cache {cache} was made with {have}, this run needs {want}: re-encoding")
             if have != want:
+                text, vae = self._text_encoders(self.model_config), self._vae()
+                z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
+                if z_dim is not None and z_dim != self.model_config.in_channels:
+                    raise ConfigError(
+                        f"config key 'model.latent_channels': the VAE's {z_dim} latent channels do not match the "
+                        f"transformer's in_channels={self.model_config.in_channels}"
+                    )
+                if not d.dir and not (data_dir / "captions.jsonl").exists():
+                    # one frame size (the max shape): one bucket, one compile
+                    make_synthetic_dataset(
+                        data_dir, num_videos=d.num_synthetic, seed=self.cfg.seed, num_frames=d.synthetic_frames,
+                        fps=d.fps, sizes=((b.max_height, b.max_width),),
+                    )
                 encode_dataset(
                     data_dir, cache, vae, text, fps=d.fps, max_frames=b.max_frames, max_height=b.max_height,
                     max_width=b.max_width, max_sequence_length=self.cfg.text.max_length, seed=self.cfg.seed,
@@ -372,21 +376,12 @@ class Trainer:
         }
 
     def prepare(self):
-        """Write the resolved config; build or load the text encoders and VAE; render (synthetic) and
-        encode the dataset (cached). Returns ``(model_config, source, encoded_dir)``."""
+        """Write the resolved config; unless the encoded cache is complete and matches: build or load the
+        text encoders and VAE, render the synthetic dataset (no ``data.dir``) and encode. Returns ``(model_config, source, encoded_dir)``."""
         cfg = self.cfg
         self._write_config()
         model_config, source = self.model_config, self.model_source
-        text = self._text_encoders(model_config)
-        vae = self._vae()
-        z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
-        in_ch = model_config.in_channels
-        if z_dim is not None and in_ch is not None and z_dim != in_ch:
-            raise ConfigError(
-                f"config key 'model.latent_channels': the VAE's {z_dim} latent channels do not match the "
-                f"transformer's in_channels={in_ch}"
-            )
-        encoded = self._data(vae, text)
+        encoded = self._data()
         channels = read_index(encoded)["latent_channels"]
         if channels != model_config.in_channels:
             raise ConfigError(
