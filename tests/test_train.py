@@ -64,7 +64,7 @@ def test_mesh_step_matches_single_device(base, tmp_path):
     one.setup()
     eight.setup()
     assert dict(eight.mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 2}
-    local = one.data_iter.batch(0)
+    local = eight.data_iter.batch(0)  # batch size a multiple of data x fsdp = 4
     p0 = jax.tree.map(np.asarray, one.state["params"])
     m1 = one.train_step(one.global_batch(local))
     m8 = eight.train_step(eight.global_batch(local))

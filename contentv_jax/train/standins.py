@@ -76,7 +76,7 @@ def load_vae(path):
     data = np.load(path / "standin_vae.npz")
     state = nnx.state(vae)
     for k, v in nnx.to_flat_state(state):
-        v.value = jnp.asarray(data["/".join(map(str, k))])
+        v.set_value(jnp.asarray(data["/".join(map(str, k))]))
     nnx.update(vae, state)
     return vae
 
