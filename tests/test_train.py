@@ -160,9 +160,11 @@ def test_bad_files_are_skipped_and_named(base, tmp_path, shared_data):
     with open(data / "captions.jsonl", "w") as f:
         for name in (good, "corrupt.mp4", "empty.mp4"):
             f.write(json.dumps({"file": name, "caption": f"a clip named {name}"}) + "\n")
-    over = TINY + [f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "steps=2", "buckets.batch_video=1"]
+    over = TINY + [f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "steps=2", "buckets.batch_video=1",
+                   "checkpoint.export=true"]
     over += [b for b in base if b.startswith(("text.path", "vae.path"))]
-    summary = Trainer(load_train_config(None, over), devices=jax.devices()[:1]).setup().run()
+    trainer = Trainer(load_train_config(None, over), devices=jax.devices()[:1])
+    summary = trainer.setup().run()
     assert summary["status"] == "completed" and summary["final_step"] == 2
     skipped = {s["file"]: s["reason"] for s in summary["skipped_files"]}
     assert set(skipped) == {"corrupt.mp4", "empty.mp4"}, skipped
@@ -171,3 +173,39 @@ def test_bad_files_are_skipped_and_named(base, tmp_path, shared_data):
     assert {s["file"] for s in saved["skipped_files"]} == {"corrupt.mp4", "empty.mp4"}
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the exported weights initialise a new run (model.init=<our transformer checkpoint>)
+    again = Trainer(
+        load_train_config(None, over + [f"run_dir={tmp_path / 'run2'}", f"model.init={tmp_path / 'run' / 'transformer'}",
+                                        f"data.cache_dir={tmp_path / 'run' / 'encoded'}"]),
+        devices=jax.devices()[:1],
+    ).setup()
+    assert again.model_source == "ours" and again.start_step == 0
+    for x, y in zip(jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(again.state["params"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_stops_cleanly(base, tmp_path):
+    """SIGTERM during training: the step in flight finishes, a checkpoint is committed, run() returns."""
+    import threading
+
+    run = tmp_path / "run"
+    trainer = Trainer(
+        load_train_config(None, base + [f"run_dir={run}", "steps=100000", "checkpoint.every=1000", "logging.tensorboard=false"]),
+        devices=jax.devices()[:1],
+    ).setup()
+
+    def fire():
+        while len(read_metrics(run)) < 3:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=fire, daemon=True)
+    t.start()
+    summary = trainer.run()
+    t.join(timeout=60)
+    assert summary["status"].startswith("interrupted by SIGTERM"), summary["status"]
+    step = summary["final_step"]
+    assert 3 <= step < 1000
+    assert (run / "checkpoints" / str(step)).is_dir()
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
