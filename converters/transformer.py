@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from collections.abc import Mapping
 
 import jax
@@ -248,6 +247,7 @@ def from_diffusers(src: str | os.PathLike, dst: str | os.PathLike, **config_over
     graphdef, state = nnx.split(_abstract(cfg))
     nnx.replace_by_pure_dict(state, pure)
     common.save_checkpoint(dst, state, cfg.to_dict())
+    log.info("wrote %s: %d tensors (%s), %d layers, width %d", dst, len(tensors), cfg.param_dtype, cfg.num_layers, cfg.width)
 
 
 def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int = 10 * 2**30) -> None:
@@ -264,3 +264,4 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_si
     state = common.load_checkpoint(src, abstract_state)
     tensors = state_to_diffusers(cfg, nnx.to_pure_dict(state))
     common.write_diffusers_dir(dst, cfg.to_diffusers_config(), tensors, max_shard_size=max_shard_size)
+    log.info("wrote %s: %d tensors (%s)", dst, len(tensors), cfg.param_dtype)

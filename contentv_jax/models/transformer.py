@@ -15,7 +15,8 @@ Mirrors ContentV's PyTorch model (``torch_npu_backend/transformer.py``; github `
 - output: ``AdaLayerNormContinuous`` (scale, then shift), ``Linear(width -> p*p*C)``, unpatchify.
 
 The first ``num_layers - 1`` blocks are identical: they are created stacked with ``nnx.vmap`` (leading
-logical axis ``layers``) and run with a scan under ``jax.checkpoint`` with a named remat policy. The
+logical axis ``layers``) and run with ``nnx.scan``, each step under ``nnx.remat`` (``jax.checkpoint``)
+with a named policy (:data:`REMAT_POLICIES`). The
 last block is a separate module (``final_block``).
 
 Parameters live in ``param_dtype``; matmuls run in ``dtype``; layer-norm / RMS-norm statistics and the
@@ -25,14 +26,11 @@ sinusoids are computed in float32 (softmax statistics: see ``attention.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,8 +166,8 @@ class TransformerConfig:
                 f"dual_attention_layers={config['dual_attention_layers']} (MMDiT-X) is not supported; ContentV has none"
             )
         kw = {k: config[k] for k in cls._DIFFUSERS_KEYS if k in config}
-        if kw.get("caption_projection_dim") is None and "num_attention_heads" in kw:
-            kw.pop("caption_projection_dim", None)
+        if kw.get("caption_projection_dim") is None:  # diffusers' SD3 default is not the width; ours must be
+            kw["caption_projection_dim"] = kw.get("num_attention_heads", 38) * kw.get("attention_head_dim", 64)
         if "out_channels" in kw and kw["out_channels"] is None:
             kw["out_channels"] = kw.get("in_channels", 16)
         kw.update(overrides)
@@ -197,11 +195,16 @@ CONFIGS: dict[str, TransformerConfig] = {
 
 
 def get_config(name: str, **overrides) -> TransformerConfig:
-    """A named config (``contentv-8b``, ``sd35-large``, ``tiny``) with optional field overrides.
+    """A named config (``contentv-8b``, ``sd35-large``, ``tiny``) or a YAML file of
+    :class:`TransformerConfig` fields (``configs/model/*.yaml``), with optional field overrides.
 
     Raises:
-      KeyError: unknown name.
+      KeyError: unknown name. ValueError: unknown fields in the YAML file.
     """
+    if name.endswith((".yaml", ".yml")):
+        import yaml
+
+        return TransformerConfig.from_dict(yaml.safe_load(Path(name).read_text())).replace(**overrides)
     if name not in CONFIGS:
         raise KeyError(f"unknown transformer config {name!r}; known: {sorted(CONFIGS)}")
     return CONFIGS[name].replace(**overrides)
@@ -492,7 +495,7 @@ class MMDiT(nnx.Module):
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
         if latents.shape[2] % cfg.patch_size or latents.shape[3] % cfg.patch_size:
-            raise ValueError(f"latent H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
+            raise ValueError(f"latents H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
         if timestep.shape != (b,):
             raise ValueError(f"timestep must be ({b},) (sigma * 1000), got {timestep.shape}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.joint_attention_dim:
@@ -501,19 +504,22 @@ class MMDiT(nnx.Module):
             raise ValueError(f"pooled must be ({b}, {cfg.pooled_projection_dim}), got {pooled.shape}")
 
     def _run_blocks(self, x, c, temb):
+        """The stacked blocks: ``nnx.scan`` over the ``layers`` axis, each step under ``nnx.remat``
+        (``jax.checkpoint``) with the configured policy."""
         if self.transformer_blocks is None:
             return x, c
-        graphdef, state = nnx.split(self.transformer_blocks)
 
-        def body(carry, layer_state):
-            block = nnx.merge(graphdef, layer_state)
-            return block(carry[0], carry[1], temb), None
+        def step(block, x, c, temb):
+            return block(x, c, temb)
 
-        policy_name = self.cfg.remat_policy
-        if policy_name != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[policy_name], prevent_cse=False)
-        (x, c), _ = jax.lax.scan(body, (x, c), state)
-        return x, c
+        if self.cfg.remat_policy != "none":
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def run(block, carry, temb):
+            return step(block, carry[0], carry[1], temb)
+
+        return run(self.transformer_blocks, (x, c), temb)
 
     def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
         self._check_inputs(latents, timestep, context, pooled)
@@ -537,9 +543,9 @@ def abstract_model(cfg: TransformerConfig) -> MMDiT:
 
 
 def init_model(cfg: TransformerConfig, seed: int = 0) -> MMDiT:
-    """A randomly initialised model (built without a mesh)."""
+    """A randomly initialised model (built without a mesh, in one compiled computation)."""
     with nnx.use_eager_sharding(False):
-        return MMDiT(cfg, rngs=nnx.Rngs(seed))
+        return nnx.jit(lambda: MMDiT(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> MMDiT:

@@ -1,0 +1,144 @@
+"""Benchmark: the JAX MM-DiT against the PyTorch ContentV reference on the same weights (issue 8).
+
+Forward pass and one training step (flow-matching MSE, AdamW) at a small size: 4 layers, 8 heads x 64,
+latents 5 x 16 x 16 x 16 (320 video tokens), 333 context tokens, batch 1. Both run on the local CPU
+(or whatever JAX / torch default to). Reports medians of timed repeats after warm-up; the JAX
+compile time is reported apart. Prints a table, then one JSON line as the last line.
+
+Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from contentv_jax.models.transformer import load_transformer
+    from converters.transformer import from_diffusers
+    from torch_npu_backend.transformer import SD3Transformer3DModel
+
+    torch.manual_seed(0)
+    tcfg = dict(num_layers=args.layers, num_attention_heads=8, attention_head_dim=64, caption_projection_dim=512,
+                in_channels=16, out_channels=16, joint_attention_dim=4096, pooled_projection_dim=2048)
+    tmodel = SD3Transformer3DModel(**tcfg)
+    rng = np.random.default_rng(0)
+    x = {
+        "latents": rng.standard_normal((1, 5, 16, 16, 16), dtype=np.float32),
+        "timestep": np.array([700.0], np.float32),
+        "context": rng.standard_normal((1, 333, 4096), dtype=np.float32),
+        "pooled": rng.standard_normal((1, 2048), dtype=np.float32),
+        "target": rng.standard_normal((1, 5, 16, 16, 16), dtype=np.float32),
+    }
+    with tempfile.TemporaryDirectory() as d:
+        tmodel.save_pretrained(Path(d) / "diffusers")
+        from_diffusers(Path(d) / "diffusers", Path(d) / "ours")
+        jmodel = load_transformer(Path(d) / "ours")
+
+    # ---- torch
+    tx = {
+        "hidden_states": torch.from_numpy(x["latents"]).permute(0, 4, 1, 2, 3).contiguous(),
+        "encoder_hidden_states": torch.from_numpy(x["context"]),
+        "pooled_projections": torch.from_numpy(x["pooled"]),
+        "timestep": torch.from_numpy(x["timestep"]),
+    }
+    ttarget = torch.from_numpy(x["target"]).permute(0, 4, 1, 2, 3).contiguous()
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-5)
+
+    def torch_fwd():
+        with torch.no_grad():
+            return tmodel(**tx).sample
+
+    def torch_step():
+        topt.zero_grad(set_to_none=True)
+        loss = torch.mean((tmodel(**tx).sample - ttarget) ** 2)
+        loss.backward()
+        topt.step()
+        return loss
+
+    # ---- jax
+    jx = {k: jnp.asarray(v) for k, v in x.items()}
+    fwd = nnx.jit(lambda m, a, b, c, d: m(a, b, c, d))
+    jopt = nnx.Optimizer(jmodel, optax.adamw(1e-5), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(m, opt, a, b, c, d, target):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(a, b, c, d) - target) ** 2))(m)
+        opt.update(m, grads)
+        return loss
+
+    jargs = (jx["latents"], jx["timestep"], jx["context"], jx["pooled"])
+    t = time.perf_counter()
+    fwd(jmodel, *jargs).block_until_ready()
+    compile_fwd = time.perf_counter() - t
+    t = time.perf_counter()
+    train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready()
+    compile_step = time.perf_counter() - t
+
+    for _ in range(args.warmup):
+        torch_fwd()
+        torch_step()
+        fwd(jmodel, *jargs).block_until_ready()
+        train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready()
+
+    res = {
+        "torch_forward_s": _median_time(torch_fwd, args.repeats),
+        "jax_forward_s": _median_time(lambda: fwd(jmodel, *jargs).block_until_ready(), args.repeats),
+        "torch_train_step_s": _median_time(torch_step, args.repeats),
+        "jax_train_step_s": _median_time(lambda: train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready(), args.repeats),
+    }
+    out = {
+        "bench": "transformer",
+        "config": {"layers": args.layers, "heads": 8, "head_dim": 64, "latents": [5, 16, 16, 16], "video_tokens": 320,
+                   "context_tokens": 333, "batch": 1, "dtype": "float32"},
+        "jax_device": str(jax.devices()[0].platform),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        **{k: round(v, 5) for k, v in res.items()},
+        "jax_compile_forward_s": round(compile_fwd, 3),
+        "jax_compile_train_step_s": round(compile_step, 3),
+        "forward_speedup": round(res["torch_forward_s"] / res["jax_forward_s"], 3),
+        "train_step_speedup": round(res["torch_train_step_s"] / res["jax_train_step_s"], 3),
+    }
+    print(f"{'':14s}{'torch (s)':>12s}{'jax (s)':>12s}{'speedup':>10s}{'jax compile (s)':>18s}")
+    print(f"{'forward':14s}{res['torch_forward_s']:12.4f}{res['jax_forward_s']:12.4f}{out['forward_speedup']:10.2f}{compile_fwd:18.2f}")
+    print(f"{'train step':14s}{res['torch_train_step_s']:12.4f}{res['jax_train_step_s']:12.4f}{out['train_step_speedup']:10.2f}{compile_step:18.2f}")
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
