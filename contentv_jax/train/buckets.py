@@ -234,6 +234,10 @@ def bucket_for_step(
         p = np.asarray(weights, dtype=np.float64)[order]
     if p.shape != (len(keys),) or (p < 0).any() or p.sum() <= 0:
         raise ValueError(f"bucket_for_step: bad weights {weights!r} for buckets {keys}")
+    return keys[draw_index(seed, step, np.cumsum(p / p.sum()))]
+
+
+def draw_index(seed: int, step: int, cdf: np.ndarray) -> int:
+    """The index drawn at ``step`` from a cumulative distribution ``cdf`` (the core of :func:`bucket_for_step`)."""
     u = np.random.default_rng([seed, step]).random()
-    cdf = np.cumsum(p / p.sum())
-    return keys[min(int(np.searchsorted(cdf, u, side="right")), len(keys) - 1)]
+    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
