@@ -23,7 +23,6 @@ import signal
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -52,13 +51,6 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 
 
 # ----------------------------------------------------------------------------- components
-
-
-def _components() -> SimpleNamespace:
-    """The VAE module: the real one where it has landed, else the stand-in."""
-    from contentv_jax.train import standins as S
-
-    return SimpleNamespace(get_vae_config=S.get_vae_config, WanVAE=S.WanVAE, load_vae=S.load_vae, save_vae=S.save_vae)
 
 
 def _cfg_get(config, *names, default=None):
@@ -193,7 +185,6 @@ class Trainer:
             raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
         self.model_config, self.model_source = self._model_config()
         self.cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else self.run_dir / "encoded"
-        self.C = _components()
         self.encode_stats: dict = {}
 
     # -- assets
@@ -277,16 +268,24 @@ class Trainer:
         return text
 
     def _vae(self):
+        """``vae.path`` loaded, or a tiny random VAE saved to ``<run_dir>/assets/vae`` (our checkpoint
+        format, as ``converters.from_diffusers --component vae`` writes) and reloaded with ``load_vae``."""
+        from converters.common import save_checkpoint
+        from contentv_jax.models.vae import WanVAE, get_config, load_vae
+
         v = self.cfg.vae
         if v.path:
-            return self.C.load_vae(v.path)
+            return load_vae(v.path)
         dst = self.run_dir / "assets" / "vae"
-        if self.main and not (dst / ".complete").exists():
-            vae = self.C.WanVAE(self.C.get_vae_config(v.name), rngs=nnx.Rngs(self.cfg.seed + 1))
-            self.C.save_vae(vae, dst)
-            (dst / ".complete").write_text("")
+        if self.main and not dst.exists():
+            try:
+                vcfg = get_config(v.name)
+            except ValueError as e:
+                raise ConfigError(f"config key 'vae.name': {e}") from None
+            vae = WanVAE(vcfg, rngs=nnx.Rngs(self.cfg.seed + 1))
+            save_checkpoint(dst, nnx.state(vae, nnx.Param), vcfg.to_diffusers())
         _sync("vae")
-        return self.C.load_vae(dst)
+        return load_vae(dst)
 
     def _data(self):
         """Render the synthetic dataset (no ``data.dir``), then encode once into the cache (its
