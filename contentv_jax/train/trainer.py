@@ -15,7 +15,6 @@ sequence shard sees the same draws and a resumed run repeats them exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -50,7 +49,7 @@ from contentv_jax.train.optim import ema_update, global_norm, learning_rate_sche
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
-# ----------------------------------------------------------------------------- components
+# ----------------------------------------------------------------------------- helpers
 
 
 def _cfg_get(config, *names, default=None):
