@@ -91,6 +91,7 @@ def _check_encode_decode(ref, ours, x_torch, what):
     _assert_close(post.logvar, _to_jax(dist.logvar), f"{what} encoder logvar")
     out = ours.decode(_to_jax(dist.mean))
     e_dec = _assert_close(out, _to_jax(dec), f"{what} decoder output")
+    print(f"{what}: encoder mean max err / max|ref| = {e_mean:.2e}, decoder {e_dec:.2e}")
     return e_mean, e_dec
 
 
@@ -272,8 +273,8 @@ def test_config_round_trip_and_logical_axes(shared_data):
     assert {k: back[k] for k in real_cfg} == real_cfg
     with pytest.raises(ValueError, match="Wan2.1"):
         VAEConfig.from_diffusers({**real_cfg, "is_residual": True})
-    with pytest.raises(ValueError, match="unknown config keys"):
-        VAEConfig.from_diffusers({**real_cfg, "bogus": 1})
+    with pytest.warns(UserWarning, match=r"unknown config keys \['bogus'\]"):
+        assert VAEConfig.from_diffusers({**real_cfg, "bogus": 1}) == cfg
     with pytest.raises(ValueError, match="tiny"):
         get_config("huge")
     model = nnx.eval_shape(lambda: WanVAE(get_config("tiny"), rngs=nnx.Rngs(0)))

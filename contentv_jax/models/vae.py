@@ -125,14 +125,18 @@ class VAEConfig:
     def from_diffusers(cls, config: Mapping[str, Any]) -> VAEConfig:
         """Build from a diffusers ``AutoencoderKLWan`` config dict (keys starting with ``_`` are ignored).
 
+        Unknown keys are ignored with a warning (as diffusers does).
+
         Raises:
-          ValueError: for keys this class does not know, or a non-Wan2.1 layout.
+          ValueError: a non-Wan2.1 layout (``is_residual`` / ``patch_size``) or another ``_class_name``.
         """
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ValueError(f"VAEConfig.from_diffusers: unknown config keys {unknown}; known: {sorted(names)}")
+            # diffusers itself ignores unexpected config keys (with a warning); so do we, loudly.
+            warnings.warn(f"VAEConfig.from_diffusers: ignoring unknown config keys {unknown}; known: {sorted(names)}")
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
         cls_name = config.get("_class_name", "AutoencoderKLWan")
         if cls_name != "AutoencoderKLWan":
             raise ValueError(f"VAEConfig.from_diffusers: expected _class_name 'AutoencoderKLWan', got {cls_name!r}")
