@@ -1,0 +1,106 @@
+"""Ulysses sequence parallelism for joint (video + text) attention.
+
+DeepSpeed-Ulysses (Jacobs et al. 2023, arXiv:2309.14509), as the ContentV report uses it (reference
+doc section 6): video tokens arrive sharded over the mesh axis ``sequence`` (size ``sp``); an
+all-to-all turns each device's ``(tokens/sp, heads)`` block into ``(tokens, heads/sp)``, attention runs
+over all tokens for the device's heads, and a second all-to-all turns the result back. Text tokens are
+replicated over ``sequence``: each device slices its heads locally and the text output is gathered
+over heads afterwards.
+
+Automatic padding: a head count that ``sp`` does not divide (ContentV has 38 heads) is padded with
+zero heads whose outputs are dropped; a video-token count that ``sp`` does not divide is padded at the
+end and the pad keys are masked out of attention (pad queries are sliced off).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, logical_to_spec
+
+AXIS = "sequence"
+
+
+def _pad(x: jax.Array, axis: int, to: int) -> jax.Array:
+    if x.shape[axis] == to:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def batch_axes(mesh: Mesh, rules: LogicalRules, batch: int) -> tuple[str, ...]:
+    """The mesh axes the rules put ``batch`` on, keeping the leading ones whose product divides ``batch``."""
+    entry = logical_to_spec(("batch",), rules)[0]
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    axes = tuple(a for a in axes if a != AXIS and a in mesh.shape)
+    while axes and batch % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes
+
+
+def ulysses_joint_attention(
+    attend: Callable[..., tuple[jax.Array, jax.Array]],
+    q_img: jax.Array,
+    k_img: jax.Array,
+    v_img: jax.Array,
+    q_txt: jax.Array,
+    k_txt: jax.Array,
+    v_txt: jax.Array,
+    *,
+    mesh: Mesh,
+    rules: LogicalRules = DEFAULT_RULES,
+    img_valid: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Joint attention with video tokens split over ``mesh``'s ``sequence`` axis.
+
+    Args:
+      attend: the single-device joint attention,
+        ``attend(q_img, k_img, v_img, q_txt, k_txt, v_txt, img_valid=...) -> (out_img, out_txt)``.
+      q_img, k_img, v_img: (B, S_img, N, D) global video-token arrays (sharded over ``sequence`` or not).
+      q_txt, k_txt, v_txt: (B, S_txt, N, D) global text-token arrays.
+      mesh: a mesh with a ``sequence`` axis; ``rules`` place the batch (see :func:`batch_axes`).
+      img_valid: real video tokens when ``S_img`` carries trailing padding (``None``: all are real).
+    Returns:
+      (out_img (B, S_img, N, D) sharded over ``sequence``, out_txt (B, S_txt, N, D) replicated over it).
+    Raises:
+      ValueError: if ``mesh`` has no ``sequence`` axis.
+    """
+    if AXIS not in mesh.shape:
+        raise ValueError(f"ulysses: mesh axes {tuple(mesh.shape)} have no {AXIS!r} axis")
+    sp = mesh.shape[AXIS]
+    b, s_img, n, _ = q_img.shape
+    valid = s_img if img_valid is None else img_valid
+    s_pad, n_pad = -(-s_img // sp) * sp, -(-n // sp) * sp
+    h = n_pad // sp
+
+    imgs = [_pad(_pad(t, 1, s_pad), 2, n_pad) for t in (q_img, k_img, v_img)]
+    txts = [_pad(t, 2, n_pad) for t in (q_txt, k_txt, v_txt)]
+
+    bat = batch_axes(mesh, rules, b) or None
+    img_spec = PartitionSpec(bat, AXIS, None, None)
+    txt_spec = PartitionSpec(bat, None, None, None)
+
+    def local(qi, ki, vi, qt, kt, vt):
+        # (b, s_pad/sp, n_pad, D) -> (b, s_pad, n_pad/sp, D)
+        to_heads = lambda x: jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)  # noqa: E731
+        qi, ki, vi = to_heads(qi), to_heads(ki), to_heads(vi)
+        start = jax.lax.axis_index(AXIS) * h
+        my_heads = lambda x: jax.lax.dynamic_slice_in_dim(x, start, h, axis=2)  # noqa: E731
+        qt, kt, vt = my_heads(qt), my_heads(kt), my_heads(vt)
+        oi, ot = attend(qi, ki, vi, qt, kt, vt, img_valid=None if valid == s_pad else valid)
+        oi = jax.lax.all_to_all(oi, AXIS, split_axis=1, concat_axis=2, tiled=True)
+        # gather text heads: scatter into zeros and sum, which leaves the result invariant over `sequence`
+        full = jnp.zeros(ot.shape[:2] + (n_pad,) + ot.shape[3:], ot.dtype)
+        ot = jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(full, ot, start, axis=2), AXIS)
+        return oi, ot
+
+    out_img, out_txt = jax.shard_map(
+        local, mesh=mesh, in_specs=(img_spec,) * 3 + (txt_spec,) * 3, out_specs=(img_spec, txt_spec)
+    )(*imgs, *txts)
+    return out_img[:, :s_img, :n], out_txt[:, :, :n]
