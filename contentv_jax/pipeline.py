@@ -180,13 +180,6 @@ class PromptEmbeds:
 
 
 # --------------------------------------------------------------------------------------------- parameter placement
-def cast_floating(state: Any, dtype) -> Any:
-    """``state`` with every floating-point leaf cast to ``dtype`` (None: unchanged)."""
-    if dtype is None:
-        return state
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
-
-
 def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """``NamedSharding``s for ``state`` from its parameters' logical axis names (``out_sharding`` metadata)."""
     specs = nnx.get_partition_spec(state)
@@ -263,7 +256,8 @@ def denoise(
       embeds: text conditioning with batch B (the negative pair needed when ``guidance_scale > 1``).
       sigmas: (N + 1,) float32 schedule from :func:`contentv_jax.scheduler.sampling_sigmas`.
       guidance_scale: CFG weight g; guidance runs when g > 1 (as diffusers' ``do_classifier_free_guidance``).
-      dtype: the transformer's compute dtype (None: float32); parameters, inputs and context are cast to it.
+      dtype: dtype the text context goes in as (None: the model's compute dtype ``model.cfg.dtype``, else
+        float32). Parameters are used as they are stored.
       mesh: if given, parameters are sharded by their logical names and activations constrained by
         ``contentv_jax.sharding.logical.DEFAULT_RULES`` (``sequence`` > 1 runs Ulysses attention).
       progress: show a tqdm bar over steps.
@@ -274,7 +268,9 @@ def denoise(
     if latents.ndim != 5 or latents.shape[0] != embeds.batch:
         raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
     guidance = guidance_scale > 1.0
-    dtype = jnp.dtype(dtype or jnp.float32)
+    if dtype is None:
+        dtype = getattr(getattr(model, "cfg", None), "dtype", None) or jnp.float32
+    dtype = jnp.dtype(dtype)
     if guidance:
         context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)
         pooled = np.concatenate([embeds.pooled_prompt_embeds, embeds.negative_pooled_prompt_embeds], axis=0)
@@ -288,7 +284,7 @@ def denoise(
     try:
         with activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
             # Parameters go to the device(s) here (a no-op if they are there already in this dtype and layout).
-            state = place_state(cast_floating(state, dtype), mesh)
+            state = place_state(state, mesh)
             if mesh is not None:
                 replicated = NamedSharding(mesh, PartitionSpec())
                 latents, context, pooled = jax.device_put((latents, context, pooled), replicated)
@@ -337,15 +333,17 @@ def _read_json(path: Path) -> dict:
 def transformer_dims(transformer_dir: str | Path) -> dict[str, int]:
     """``in_channels``, ``context_dim`` and ``pooled_dim`` of a transformer checkpoint, from its ``config.json``.
 
-    Accepts diffusers' keys (``in_channels``, ``joint_attention_dim``, ``pooled_projection_dim``) and ours
-    (``context_dim``, ``pooled_dim``). Raises ValueError if the config lacks them.
+    Diffusers' directories and our checkpoints use the same keys (``in_channels``, ``joint_attention_dim``,
+    ``pooled_projection_dim``). Raises FileNotFoundError / ValueError if the config is missing or lacks them.
     """
-    cfg = _read_json(Path(transformer_dir) / "config.json")
-    cfg = cfg.get("transformer", cfg) if isinstance(cfg.get("transformer"), dict) else cfg
+    path = Path(transformer_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a transformer checkpoint")
+    cfg = _read_json(path)
     keys = {
         "in_channels": ("in_channels",),
-        "context_dim": ("joint_attention_dim", "context_dim", "context_in"),
-        "pooled_dim": ("pooled_projection_dim", "pooled_dim", "pooled_in"),
+        "context_dim": ("joint_attention_dim",),
+        "pooled_dim": ("pooled_projection_dim",),
     }
     out = {}
     for name, candidates in keys.items():
@@ -386,7 +384,6 @@ class ContentVPipeline:
         context_dim: int,
         pooled_dim: int,
         in_channels: int = 16,
-        dtype=None,
         mesh: Mesh | None = None,
         vae_tiling: bool = False,
         offload: bool = False,
@@ -396,13 +393,12 @@ class ContentVPipeline:
         self.text_encoders = text_encoders
         self.shift = float(shift)
         self.context_dim, self.pooled_dim, self.in_channels = context_dim, pooled_dim, in_channels
-        self.dtype = dtype
         self.mesh = mesh
         self.vae_tiling = vae_tiling
         self.offload = offload
         if offload:
             # Parameters live in host memory; each part goes to the device only while it runs.
-            nnx.update(transformer, to_host(cast_floating(nnx.state(transformer), dtype)))
+            nnx.update(transformer, to_host(nnx.state(transformer)))
             if vae is not None:
                 nnx.update(vae, to_host(nnx.state(vae)))
 
@@ -438,8 +434,12 @@ class ContentVPipeline:
 
         Args:
           shift: flow shift; None reads ``scheduler/scheduler_config.json``, else 17 (report section 4).
-          dtype: transformer compute dtype (None: float32; the official demo uses bfloat16). The VAE runs in float32.
+          dtype: transformer dtype name, for its parameters and matmuls (None: float32; the official demo uses
+            "bfloat16"). The VAE runs in float32, as in the official demo.
           attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
+          mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
+          vae_tiling: decode in spatial tiles.
+          offload: keep parameters in host memory; each model goes to the device only while it runs.
         """
         model_dir = Path(model_dir)
         cls.check_model_dir(model_dir, need_text=load_text_encoders, need_vae=load_vae)
@@ -448,9 +448,8 @@ class ContentVPipeline:
         dims = transformer_dims(model_dir / "transformer")
         from contentv_jax.models import load_transformer
 
-        transformer = load_transformer(model_dir / "transformer")
-        if attention_kernel is not None:
-            set_attention_kernel(transformer, attention_kernel)
+        overrides = {} if attention_kernel is None else {"attention_kernel": attention_kernel}
+        transformer = load_transformer(model_dir / "transformer", dtype=dtype, param_dtype=dtype, **overrides)
         vae = None
         if load_vae:
             from contentv_jax.models import load_vae as _load_vae
@@ -466,7 +465,6 @@ class ContentVPipeline:
             vae,
             text,
             shift=shift,
-            dtype=dtype,
             mesh=mesh,
             vae_tiling=vae_tiling,
             offload=offload,
@@ -568,7 +566,6 @@ class ContentVPipeline:
             embeds,
             sigmas,
             opts.guidance_scale,
-            dtype=self.dtype,
             mesh=self.mesh,
             progress=progress,
         )
@@ -579,21 +576,6 @@ class ContentVPipeline:
             graphdef, state = nnx.split(vae)
             vae = nnx.merge(graphdef, jax.device_put(state))
         return decode_latents(vae, out, tiling=self.vae_tiling)
-
-
-def set_attention_kernel(model: nnx.Module, kernel: str) -> None:
-    """Select the attention kernel of a loaded MM-DiT (``contentv_jax.models.attention.KERNELS``).
-
-    Raises ValueError for an unknown kernel or a model without a kernel setting.
-    """
-    from contentv_jax.models.attention import KERNELS
-
-    if kernel not in KERNELS:
-        raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "attention_kernel"):
-        raise ValueError("this transformer has no attention_kernel setting")
-    model.config = dataclasses.replace(cfg, attention_kernel=kernel)
 
 
 def _np32(x) -> np.ndarray:
