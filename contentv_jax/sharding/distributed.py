@@ -1,0 +1,128 @@
+"""Multi-host setup: ``jax.distributed.initialize`` from flags or the environment, and global batches.
+
+Every process runs the same program on its own devices; the mesh spans all processes' devices
+(``jax.devices()``). Each process loads only its own rows of the global batch
+(:func:`local_batch_slice`) and :func:`global_batch` assembles them into one global ``jax.Array``
+with the layout every process agrees on. Only the main process (:func:`is_main_process`) should
+write logs and checkpoint metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+ENV_COORDINATOR = "CONTENTV_COORDINATOR"
+ENV_NUM_PROCESSES = "CONTENTV_NUM_PROCESSES"
+ENV_PROCESS_ID = "CONTENTV_PROCESS_ID"
+
+_initialized = False
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--coordinator HOST:PORT --num-processes N --process-id I`` to ``parser`` (defaults: environment)."""
+    g = parser.add_argument_group("multi-host")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"address of process 0's coordinator service (env {ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help=f"total number of processes (env {ENV_NUM_PROCESSES}); 1 or unset: single process")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help=f"this process's index in [0, N) (env {ENV_PROCESS_ID})")
+    return parser
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v in (None, ""):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Join the multi-process JAX runtime; call before anything touches a JAX device.
+
+    Arguments left ``None`` come from ``CONTENTV_COORDINATOR`` / ``CONTENTV_NUM_PROCESSES`` /
+    ``CONTENTV_PROCESS_ID``. With one process (``num_processes`` unset or 1) this is a no-op.
+    Cross-process CPU collectives use gloo (the setting only affects the CPU backend).
+
+    Returns:
+      True if the distributed runtime was initialised (now or by an earlier call), False for a single process.
+    Raises:
+      ValueError: ``num_processes`` > 1 without a coordinator or process id, or a process id outside
+        ``[0, num_processes)``, or a coordinator not of the form ``HOST:PORT``.
+    """
+    global _initialized
+    if _initialized:
+        return True
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    if num_processes is None or num_processes == 1:
+        return False
+    if num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
+    if coordinator is None or process_id is None:
+        raise ValueError(f"--num-processes {num_processes} needs --coordinator HOST:PORT and --process-id")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    _initialized = True
+    return True
+
+
+def initialize_from_args(args: argparse.Namespace) -> bool:
+    """:func:`initialize` with the values :func:`add_distributed_args` parsed."""
+    return initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that writes logs and checkpoint metadata)."""
+    return jax.process_index() == 0
+
+
+def local_batch_slice(global_batch_size: int, mesh: Mesh, spec: PartitionSpec) -> slice:
+    """The rows ``[start, stop)`` of the global batch that this process's devices hold.
+
+    Args:
+      global_batch_size: rows of the global batch (dimension 0).
+      mesh, spec: the batch's layout; ``spec[0]`` names the mesh axes dimension 0 is split over.
+    Raises:
+      ValueError: if this process's rows are not one contiguous block (a mesh whose batch axes
+        interleave processes), or ``global_batch_size`` does not divide over the batch axes.
+    """
+    sharding = NamedSharding(mesh, spec)
+    rank = max(len(spec), 1)
+    idx = sharding.addressable_devices_indices_map((global_batch_size,) + (1,) * (rank - 1))
+    rows = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop) for s in idx.values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    if covered != stop - start or any(b != c for (_, b), (c, _) in zip(rows, rows[1:])):
+        raise ValueError(f"this process's batch rows {rows} are not one contiguous block under {spec} on {dict(mesh.shape)}")
+    return slice(start, stop)
+
+
+def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec) -> Any:
+    """Assemble per-process batch rows into global ``jax.Array``s laid out by ``spec`` on ``mesh``.
+
+    Args:
+      local: a pytree of host arrays, each holding this process's rows (:func:`local_batch_slice`) of
+        the global batch along dimension 0 and the full extent of every other dimension.
+      spec: the layout of dimension 0 (and others); e.g. ``P(('data', 'fsdp'))``.
+    Returns:
+      the same pytree of global arrays (global dimension 0 = sum over processes).
+    """
+    sharding = NamedSharding(mesh, spec)
+
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)

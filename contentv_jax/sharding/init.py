@@ -1,0 +1,140 @@
+"""Create or load a model directly into its shardings, never materialising it unsharded.
+
+``nnx.eval_shape`` builds the model abstractly (shapes, dtypes and the parameters' logical
+``out_sharding`` names, no memory); the logical rules turn the names into ``NamedSharding``s on the
+mesh; then either a jitted initialiser with those ``out_shardings`` writes each device's shard in
+place, or Orbax restores our checkpoint straight into them (each process reads only the slices its
+devices hold). This is the flax NNX "sharded init" recipe with logical axis rules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, logical_to_spec
+
+STATE_DIR = "state"  # our checkpoint layout: <dir>/config.json + <dir>/state/ (Orbax), see docs/design.md
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def spec_for(shape: tuple[int, ...], names, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` the rules give logical ``names`` for an array of ``shape`` on ``mesh``.
+
+    Mesh axes absent from ``mesh`` are dropped, and so are trailing mesh axes of a dimension whose
+    size their product does not divide (that dimension is then sharded less, or replicated).
+    ``names=None`` (no metadata) means replicated.
+
+    Raises:
+      ValueError: if ``len(names) != len(shape)``.
+    """
+    if names is None:
+        return PartitionSpec()
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match a shape of rank {len(shape)}: {shape}")
+    out = []
+    for size, entry in zip(shape, logical_to_spec(names, rules)):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        axes = tuple(a for a in axes if a in mesh.shape)
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+    """``NamedSharding``s (same tree as ``abstract_state``) from each variable's ``out_sharding`` names."""
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding")
+        return var.replace(NamedSharding(mesh, spec_for(tuple(var.get_value().shape), names, mesh, rules)))
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_var)
+
+
+def abstract_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+    """``(graphdef, abstract_state, shardings)`` of ``factory()`` without allocating it.
+
+    ``abstract_state`` leaves are ``jax.ShapeDtypeStruct``s carrying their target sharding (the form
+    Orbax restores into).
+    """
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(factory)
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+    target = jax.tree.map(
+        lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())),
+        state, shardings, is_leaf=_is_var,
+    )
+    return graphdef, target, shardings
+
+
+def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> nnx.Module:
+    """Build ``factory()`` with every variable created directly in its sharding on ``mesh``.
+
+    Args:
+      factory: a zero-argument callable returning the module (e.g. ``lambda: MMDiT(cfg, rngs=nnx.Rngs(0))``);
+        it is traced, never run eagerly, so it must be a pure function of its closure.
+      mesh, rules: where the parameters' logical names put them (default: ``embed`` over ``fsdp``).
+    Returns:
+      the module, its arrays laid out as :func:`state_shardings` says; the same values ``factory()``
+      gives on one device.
+    """
+    graphdef, _, shardings = abstract_sharded(factory, mesh, rules)
+
+    @jax.jit
+    def init():
+        with nnx.use_eager_sharding(False):
+            state = nnx.state(factory())
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    return nnx.merge(graphdef, init())
+
+
+def load_sharded(
+    path: str | os.PathLike, factory: Callable[[], nnx.Module], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> nnx.Module:
+    """Restore our Orbax checkpoint of ``factory()``'s state directly into its shardings on ``mesh``.
+
+    Args:
+      path: our checkpoint directory (``config.json`` + ``state/``), or an Orbax directory of the
+        ``nnx.State`` itself.
+      factory: builds the module the checkpoint was saved from (only traced, via ``nnx.eval_shape``).
+    Returns:
+      the module with each array restored into its :func:`state_shardings` sharding; every process
+      reads only the slices its own devices hold.
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError (from Orbax): the checkpoint's tree or shapes do not match ``factory()``'s.
+    """
+    import orbax.checkpoint as ocp
+
+    p = Path(path).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / STATE_DIR).is_dir():
+        p = p / STATE_DIR
+    graphdef, target, _ = abstract_sharded(factory, mesh, rules)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(p, target)
+    return nnx.merge(graphdef, state)
+
+
+def bytes_per_device(tree: Any) -> dict:
+    """``{device: bytes}`` of the arrays in ``tree`` that each addressable device holds."""
+    out: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
