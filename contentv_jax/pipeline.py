@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from contentv_jax import scheduler as flow
-from contentv_jax.sharding.logical import DEFAULT_RULES, activation_sharding, logical_to_spec
+from contentv_jax.sharding.logical import DEFAULT_RULES, activation_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -180,21 +180,13 @@ class PromptEmbeds:
 
 
 # --------------------------------------------------------------------------------------------- parameter placement
-def param_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-    """``NamedSharding``s for ``state`` from its parameters' logical axis names (``out_sharding`` metadata)."""
-    specs = nnx.get_partition_spec(state)
-    return jax.tree.map(
-        lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), rules)),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
 def place_state(state: Any, mesh: Mesh | None, rules=DEFAULT_RULES) -> Any:
     """Put ``state`` on the device(s): sharded by logical names on ``mesh``, else on the default device."""
     if mesh is None:
         return jax.device_put(state)
-    return jax.device_put(state, param_shardings(state, mesh, rules))
+    from contentv_jax.sharding.init import state_shardings
+
+    return jax.device_put(state, state_shardings(state, mesh, rules))
 
 
 def to_host(state: Any) -> Any:
@@ -214,8 +206,9 @@ def _progress_callback(step) -> None:
         bar.refresh()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "guidance", "progress"), donate_argnames=("latents",))
-def _euler_loop(graphdef, state, latents, context, pooled, sigmas, guidance_scale, *, guidance, progress):
+@functools.partial(jax.jit, static_argnames=("graphdef", "guidance", "progress", "mesh"), donate_argnames=("latents",))
+def _euler_loop(graphdef, state, latents, context, pooled, sigmas, guidance_scale, *, guidance, progress, mesh):
+    # ``mesh`` only keys the compilation cache: the trace depends on the active activation_sharding context.
     model = nnx.merge(graphdef, state)
     model_dtype = context.dtype
     num_steps = sigmas.shape[0] - 1
@@ -298,6 +291,7 @@ def denoise(
                 jnp.float32(guidance_scale),
                 guidance=guidance,
                 progress=progress,
+                mesh=mesh,
             )
             out = jax.block_until_ready(out)
             if progress:
