@@ -19,6 +19,7 @@ Every file is written to a temporary sibling and moved into place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -205,14 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class SampleOverrides:
+    """What ``key=value`` arguments may set: the device mesh (``mesh.data``, ``mesh.fsdp``, ``mesh.sequence``)."""
+
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
 def _mesh_config(overrides: list[str]) -> MeshConfig | None:
-    """The mesh from ``mesh.*=..`` overrides, or None (single device) when there are none."""
+    """The mesh from ``mesh.*=..`` overrides (sizes checked against the devices), or None when there are none.
+
+    Raises ConfigError / ValueError naming a bad key or impossible sizes.
+    """
     if not overrides:
         return None
-    bad = [o for o in overrides if not o.startswith("mesh.")]
-    if bad:
-        raise ConfigError(f"unknown override(s) {bad}: only mesh.data=, mesh.fsdp=, mesh.sequence= are accepted")
-    return apply_overrides(MeshConfig(), [o[len("mesh."):] for o in overrides])
+    cfg = apply_overrides(SampleOverrides(), overrides).mesh
+    import jax
+
+    cfg.resolve(len(jax.devices()))
+    return cfg
 
 
 if __name__ == "__main__":

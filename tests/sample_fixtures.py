@@ -36,14 +36,14 @@ def build_tiny_model_dir(dst: Path, *, text_encoders: bool = True, seed: int = 0
 
     from torch_npu_backend.transformer import SD3Transformer3DModel
 
+    if text_encoders:  # first: it writes dst as a whole (temporary sibling, then os.replace)
+        from contentv_jax.text import build_tiny_text_encoders
+
+        build_tiny_text_encoders(dst, clip_dims=(16, 16), t5_dim=64)
     torch.manual_seed(seed)
     perturb_(SD3Transformer3DModel(**TINY_TRANSFORMER), seed).save_pretrained(dst / "transformer")
     perturb_(AutoencoderKLWan(**TINY_VAE), seed + 1, 0.02).save_pretrained(dst / "vae")
     FlowMatchEulerDiscreteScheduler(shift=TINY_SHIFT).save_pretrained(dst / "scheduler")
-    if text_encoders:
-        from contentv_jax.text import build_tiny_text_encoders
-
-        build_tiny_text_encoders(dst, clip_dims=(16, 16), t5_dim=64)
     return dst
 
 
