@@ -1,0 +1,97 @@
+"""Training checkpoints with Orbax's CheckpointManager: parameters, optimizer, EMA, step, RNG, data position.
+
+Layout under ``<run_dir>/checkpoints/<step>/``: item ``state`` (the train-state pytree, its leaves saved
+under index keys so any nesting round-trips; restored into the current run's structure and shardings)
+and item ``data`` (the data iterator's state as JSON). Saves are asynchronous (``async_save``); Orbax
+commits a step atomically (a temporary directory renamed on completion), so a killed run resumes from
+the last committed step. Orbax coordinates hosts itself (the primary host writes metadata).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _leaves_dict(tree) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree.flatten(tree)
+    return {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}, treedef
+
+
+def _encode_data_state(state) -> dict:
+    if isinstance(state, (bytes, bytearray)):
+        return {"bytes_b64": base64.b64encode(bytes(state)).decode()}
+    return {"json": state}
+
+
+def _decode_data_state(blob: dict):
+    if "bytes_b64" in blob:
+        return base64.b64decode(blob["bytes_b64"])
+    return blob["json"]
+
+
+class TrainCheckpointer:
+    """Saves every ``every`` steps, keeps the last ``keep``; ``async_save`` overlaps writes with training."""
+
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, data_state, *, force: bool = False) -> bool:
+        """Start saving ``state`` (a pytree of jax arrays) and ``data_state`` (JSON-able or bytes) at ``step``.
+
+        Returns whether a save was started (``force`` saves off the interval, e.g. at the end or on SIGTERM).
+        """
+        leaves, _ = _leaves_dict(state)
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state))
+            ),
+            force=force,
+        )
+
+    def restore(self, step: int, template):
+        """Restore ``step`` into the structure, dtypes and shardings of ``template`` (a pytree of arrays).
+
+        Returns ``(state, data_state)``. Raises ValueError when the saved leaves do not match the template's.
+        """
+        abstract, treedef = _leaves_dict(
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        )
+        leaves = restored["state"]
+        if set(leaves) != set(abstract):
+            raise ValueError(
+                f"checkpoint {self.directory / str(step)} holds {len(leaves)} arrays, the run's state has {len(abstract)}"
+            )
+        state = jax.tree.unflatten(treedef, [leaves[k] for k in sorted(abstract)])
+        return state, _decode_data_state(restored["data"])
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

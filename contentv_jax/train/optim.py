@@ -1,0 +1,46 @@
+"""The optimizer: optax AdamW with linear warmup, constant or cosine decay, global-norm clipping; EMA.
+
+Mirrors the report's recipe (AdamW, warmup, gradient clipping; section 5) in optax terms.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from contentv_jax.train.config import OptimizerSection
+
+
+def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
+    """Linear warmup from 0 to ``cfg.lr`` over ``warmup_steps``, then constant or cosine decay to 0 at
+    ``decay_steps``. The schedule does not depend on the run's total steps (so resumed runs agree)."""
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, cfg.decay_steps - cfg.warmup_steps)
+    else:
+        after = optax.constant_schedule(cfg.lr)
+    if not cfg.warmup_steps:
+        return after
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
+    """``clip_by_global_norm(grad_clip)`` (when > 0) followed by ``adamw`` with the schedule above."""
+    parts = []
+    if cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    )
+    return optax.chain(*parts)
+
+
+def ema_update(ema, params, decay: float):
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, in the EMA's dtype (float32)."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
+
+
+def global_norm(tree) -> jax.Array:
+    """The float32 global L2 norm of a pytree."""
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

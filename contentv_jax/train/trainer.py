@@ -1,0 +1,516 @@
+"""The ContentV trainer: flow matching on encoded latents, one jitted train step under the device mesh.
+
+``train(cfg)`` runs a whole job: prepares the run directory (the resolved config next to the
+checkpoints), the text encoders and VAE (tiny random ones saved and reloaded through the real loading
+code when no path is given), the dataset (synthetic when no ``data.dir``), the encode stage (cached),
+then trains with Orbax checkpointing, automatic resume, TensorBoard / ``metrics.jsonl`` logging.
+
+The step (report section 5, reference doc section 4; diffusers' SD3 training recipe):
+``sigma = shift(sigmoid(N(m, s^2)))``, ``x_sigma = (1 - sigma) x0 + sigma noise``, loss
+``mean((v_theta(x_sigma, 1000 sigma, text) - (noise - x0))^2)``, caption dropout to the empty prompt,
+AdamW with warmup and global-norm clipping on float32 master weights, compute in ``model.dtype``.
+Noise, sigma and dropout draws come from ``fold_in(key(seed), step)`` as global arrays, so every
+sequence shard sees the same draws and a resumed run repeats them exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from contentv_jax.config import ConfigError, to_dict
+from contentv_jax.scheduler import sample_training_sigmas
+from contentv_jax.sharding.distributed import is_main_process
+from contentv_jax.sharding.logical import activation_sharding
+from contentv_jax.sharding.mesh import create_mesh
+from contentv_jax.train import loss as fm
+from contentv_jax.train.checkpoint import TrainCheckpointer
+from contentv_jax.train.config import (
+    PATCH_SIZE,
+    VAE_SPATIAL_FACTOR,
+    VAE_TEMPORAL_FACTOR,
+    TrainConfig,
+    parse_aspect_ratio,
+    validate,
+)
+from contentv_jax.train.metrics import MetricsLogger, ProgressBar
+from contentv_jax.train.optim import ema_update, global_norm, learning_rate_schedule, make_optimizer
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def _components() -> SimpleNamespace:
+    """The VAE and data modules: the real ones where they have landed, else the stand-ins."""
+    from contentv_jax.train import standins as S
+
+    ns = SimpleNamespace()
+    ns.get_vae_config, ns.WanVAE, ns.load_vae, ns.save_vae = S.get_vae_config, S.WanVAE, S.load_vae, S.save_vae
+    ns.make_synthetic_dataset, ns.encode_dataset, ns.RecordIterator = (
+        S.make_synthetic_dataset,
+        S.encode_dataset,
+        S.RecordIterator,
+    )
+    return ns
+
+
+def _cfg_get(config, *names, default=None):
+    for n in names:
+        if hasattr(config, n):
+            return getattr(config, n)
+    return default
+
+
+def bucket_shape(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels of the first video bucket: the first aspect ratio scaled to the
+    largest area <= ``max_height * max_width`` on the 16-pixel grid (VAE 8x times patch 2)."""
+    b = cfg.buckets
+    unit = VAE_SPATIAL_FACTOR * PATCH_SIZE
+    w_r, h_r = parse_aspect_ratio(b.aspect_ratios[0])
+    scale = math.sqrt(b.max_height * b.max_width / (w_r * h_r))
+    h = max(unit, int(h_r * scale) // unit * unit)
+    w = max(unit, int(w_r * scale) // unit * unit)
+    frames = max(d for d in b.durations)
+    return frames, h, w
+
+
+def latent_tokens(latents_shape) -> int:
+    """Video tokens of a (B, T, H, W, C) latent batch after the 1x2x2 patchify."""
+    b, t, h, w, _ = latents_shape
+    return b * t * (h // PATCH_SIZE) * (w // PATCH_SIZE)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def _match_tree(opt_abstract, params_treedef, param_sh, replicated):
+    """Shardings for an optax state: subtrees shaped like the params get the params' shardings."""
+    if jax.tree.structure(opt_abstract) == params_treedef:
+        return param_sh
+    if isinstance(opt_abstract, tuple) and hasattr(opt_abstract, "_fields"):
+        return type(opt_abstract)(*[_match_tree(x, params_treedef, param_sh, replicated) for x in opt_abstract])
+    if isinstance(opt_abstract, (tuple, list)):
+        return type(opt_abstract)(_match_tree(x, params_treedef, param_sh, replicated) for x in opt_abstract)
+    if isinstance(opt_abstract, dict):
+        return {k: _match_tree(v, params_treedef, param_sh, replicated) for k, v in opt_abstract.items()}
+    return jax.tree.map(lambda _: replicated, opt_abstract)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty_context, empty_pooled):
+    """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    ``state``: ``{"step": int32 (), "rng": uint32 key data, "params": pure dict (float32),
+    "opt_state": optax state, "ema": pure dict or None}``; ``batch``: ``latents`` (B, T, H, W, C),
+    ``prompt_embeds`` (B, L, Dctx), ``pooled`` (B, Dpool). A non-finite loss or gradient norm leaves
+    params, optimizer and EMA unchanged (the step counter still advances past the batch).
+    """
+    dtype = DTYPES[cfg.model.dtype]
+    sched = cfg.schedule
+    lr_fn = learning_rate_schedule(cfg.optimizer)
+    ema_decay = cfg.optimizer.ema_decay
+
+    def loss_fn(params, x_sigma, t, context, pooled, target):
+        state = jax.tree.map(lambda v: v, params_template)
+        nnx.replace_by_pure_dict(state, params)  # float32 master weights; the model computes in its dtype
+        model = nnx.merge(graphdef, state, rest)
+        velocity = model(x_sigma.astype(dtype), t, context.astype(dtype), pooled.astype(dtype))
+        return fm.velocity_mse(velocity, target)
+
+    def step_fn(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        k_noise, k_sigma, k_drop = jax.random.split(key, 3)
+        latents = batch["latents"].astype(jnp.float32)
+        b = latents.shape[0]
+        noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+        sigma = sample_training_sigmas(
+            k_sigma, b, logit_mean=sched.logit_mean, logit_std=sched.logit_std, shift=sched.flow_shift
+        )
+        context, pooled = fm.caption_dropout(
+            k_drop, batch["prompt_embeds"], batch["pooled"], empty_context, empty_pooled, cfg.data.caption_dropout
+        )
+        x_sigma, target = fm.noisy_latents(latents, noise, sigma)
+        loss, grads = jax.value_and_grad(loss_fn)(
+            state["params"], x_sigma, fm.timesteps(sigma), context, pooled, target
+        )
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)
+
+        new_state = dict(state)
+        new_state["params"] = keep(params, state["params"])
+        new_state["opt_state"] = keep(opt_state, state["opt_state"])
+        if state.get("ema") is not None:
+            new_state["ema"] = keep(ema_update(state["ema"], params, ema_decay), state["ema"])
+        new_state["step"] = step + 1
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr_fn(step),
+            "sigma_mean": jnp.mean(sigma),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return step_fn
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+class Trainer:
+    """One training job. ``Trainer(cfg).run()``; ``devices`` restricts the mesh (default: all devices)."""
+
+    def __init__(self, cfg: TrainConfig, *, devices=None):
+        self.cfg = validate(cfg)
+        self.run_dir = Path(cfg.run_dir).absolute()
+        self.main = is_main_process()
+        self.devices = list(devices) if devices is not None else jax.devices()
+        self.mesh = create_mesh(cfg.mesh, self.devices)
+        shard = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        b = cfg.buckets
+        for key, v in (("buckets.batch_video", b.batch_video), ("buckets.batch_image", b.batch_image)):
+            if v and v % (shard * jax.process_count()):
+                raise ConfigError(
+                    f"config key {key!r}: batch {v} is not divisible by data x fsdp = {shard} "
+                    f"(and {jax.process_count()} processes)"
+                )
+        self.C = _components()
+        self.encode_stats: dict = {}
+
+    # -- assets
+    def _write_config(self) -> None:
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+
+    def _model_config(self):
+        """The TransformerConfig to train: named (random init) or the checkpoint's, with our dtype and remat."""
+        from converters import common
+        from contentv_jax.models import transformer as T
+
+        cfg = self.cfg.model
+        ov = {"dtype": cfg.dtype, "param_dtype": "float32"}
+        if cfg.remat_policy:
+            if cfg.remat_policy not in T.REMAT_POLICIES:
+                raise ConfigError(
+                    f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
+                )
+            ov["remat_policy"] = cfg.remat_policy
+        if cfg.init == "random":
+            try:
+                return T.get_config(cfg.name, **ov), "random"
+            except KeyError:
+                raise ConfigError(f"config key 'model.name': unknown transformer {cfg.name!r}; known: {sorted(T.CONFIGS)}") from None
+        path = Path(cfg.init)
+        if common.is_our_checkpoint(path):
+            return T.TransformerConfig.from_dict(common.read_our_config(path)).replace(**ov), "ours"
+        if common.is_diffusers_dir(path):
+            raw = json.loads((path / "config.json").read_text())
+            return T.TransformerConfig.from_diffusers_config(raw, **ov), "diffusers"
+        raise ConfigError(
+            f"config key 'model.init': {cfg.init!r} is neither 'random' nor a transformer checkpoint "
+            "(a diffusers directory or a contentv-jax checkpoint)"
+        )
+
+    def _build_model(self, mc, source):
+        """The model with its parameters in their shardings on the mesh (float32 master weights)."""
+        from contentv_jax.models import transformer as T
+        from contentv_jax.sharding.init import create_sharded, load_sharded, state_shardings
+
+        seed = self.cfg.seed
+        if source == "random":
+            return create_sharded(lambda: T.MMDiT(mc, rngs=nnx.Rngs(seed)), self.mesh)
+        if source == "ours":
+            return load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
+        model = T.load_transformer(
+            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
+        )
+        graphdef, state = nnx.split(model)
+        sh = state_shardings(state, self.mesh)
+        state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, sh)
+        return nnx.merge(graphdef, state)
+
+    def _text_encoders(self, model_config):
+        from contentv_jax.text import TextEncoders, build_tiny_text_encoders
+
+        t = self.cfg.text
+        if t.path:
+            text = TextEncoders.from_pretrained(t.path)
+        else:
+            # tiny encoders sized for the model: context width = joint_attention_dim, pooled = 2 CLIPs
+            pool = model_config.pooled_projection_dim
+            clip = (pool // 2, pool - pool // 2)
+            dst = self.run_dir / "assets" / "text"
+            if self.main and not dst.exists():
+                build_tiny_text_encoders(dst, clip_dims=clip, t5_dim=model_config.joint_attention_dim, seed=self.cfg.seed)
+            _sync("text")
+            text = TextEncoders.from_pretrained(dst)
+        for key, got, want in (
+            ("text.path", text.context_dim, model_config.joint_attention_dim),
+            ("text.path", text.pooled_dim, model_config.pooled_projection_dim),
+        ):
+            if got != want:
+                raise ConfigError(
+                    f"config key {key!r}: the text encoders give width {got}, the transformer expects {want}"
+                )
+        return text
+
+    def _vae(self):
+        v = self.cfg.vae
+        if v.path:
+            return self.C.load_vae(v.path)
+        dst = self.run_dir / "assets" / "vae"
+        if self.main and not (dst / ".complete").exists():
+            vae = self.C.WanVAE(self.C.get_vae_config(v.name), rngs=nnx.Rngs(self.cfg.seed + 1))
+            self.C.save_vae(vae, dst)
+            (dst / ".complete").write_text("")
+        _sync("vae")
+        return self.C.load_vae(dst)
+
+    def _data(self, vae, text):
+        d = self.cfg.data
+        frames, h, w = bucket_shape(self.cfg)
+        if d.dir:
+            data_dir = Path(d.dir)
+            if not (data_dir / "captions.jsonl").is_file():
+                raise FileNotFoundError(f"--data {data_dir}: expected video files and a captions.jsonl there")
+        else:
+            data_dir = self.run_dir / "data"
+            if self.main and not (data_dir / "captions.jsonl").exists():
+                # a clip per bucket duration, with slack for the 8-fps resampling
+                self.C.make_synthetic_dataset(
+                    data_dir, d.num_synthetic, frames=2 * frames, height=max(h, 64), width=max(w, 64),
+                    fps=int(d.fps), seed=self.cfg.seed,
+                )
+        cache = Path(d.cache_dir) if d.cache_dir else self.run_dir / "encoded"
+        stats_path = cache / "encode_stats.json"
+        if self.main and not stats_path.exists():
+            stats = self.C.encode_dataset(
+                data_dir, cache, vae, text, frames=frames, height=h, width=w, fps=d.fps,
+                max_sequence_length=self.cfg.text.max_length,
+            )
+            _atomic_write(stats_path, json.dumps(stats, indent=1))
+        _sync("encode")
+        self.encode_stats = json.loads(stats_path.read_text())
+        if not self.encode_stats.get("records"):
+            raise ValueError(
+                f"no usable clips in {data_dir}: every file was skipped ({self.encode_stats.get('skipped')})"
+            )
+        return cache
+
+    # -- state
+    def _init_state(self, model_config, source, tx):
+        from contentv_jax.sharding.init import state_shardings
+
+        cfg = self.cfg
+        model = self._build_model(model_config, source)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh))
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        pure = nnx.to_pure_dict(params)
+        if any(x.dtype != jnp.float32 for x in jax.tree.leaves(pure)):
+            raise ValueError("master weights must be float32 (model param_dtype)")
+        repl = NamedSharding(self.mesh, PartitionSpec())
+        rest = jax.device_put(rest, repl)
+        opt_abstract = jax.eval_shape(tx.init, pure)
+        opt_sh = _match_tree(opt_abstract, jax.tree.structure(pure), p_sh, repl)
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(tx.init, out_shardings=opt_sh)(pure)
+        state = {
+            "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+            "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), repl),
+            "params": pure,
+            "opt_state": opt_state,
+            "ema": jax.tree.map(jnp.copy, pure) if cfg.optimizer.ema_decay > 0 else None,
+        }
+        state_sh = {
+            "step": repl,
+            "rng": repl,
+            "params": p_sh,
+            "opt_state": opt_sh,
+            "ema": p_sh if cfg.optimizer.ema_decay > 0 else None,
+        }
+        return graphdef, rest, template, state, state_sh, model_config
+
+    def _batch_sharding(self):
+        batch_axes = ("data", "fsdp")
+        return {
+            "latents": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
+            "prompt_embeds": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
+            "pooled": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
+        }
+
+    def setup(self):
+        """Everything before the first step: assets, data, model, optimizer, compiled step, resume."""
+        cfg = self.cfg
+        self._write_config()
+        model_config, source = self._model_config()
+        text = self._text_encoders(model_config)
+        vae = self._vae()
+        z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
+        in_ch = model_config.in_channels
+        if z_dim is not None and in_ch is not None and z_dim != in_ch:
+            raise ConfigError(
+                f"config key 'vae.name': the VAE's {z_dim} latent channels do not match model "
+                f"{cfg.model.name!r}'s in_channels={in_ch}"
+            )
+        encoded = self._data(vae, text)
+        empty_ctx, empty_pooled = text.encode([""], max_sequence_length=cfg.text.max_length)
+        del vae, text
+        self.tx = make_optimizer(cfg.optimizer)
+        graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
+        self.state, self.state_sh, self.template = state, state_sh, template
+        repl = NamedSharding(self.mesh, PartitionSpec())
+        step_fn = make_train_step(
+            graphdef, template, rest, self.tx, cfg, jax.device_put(jnp.asarray(empty_ctx[0]), repl),
+            jax.device_put(jnp.asarray(empty_pooled[0]), repl),
+        )
+        self.batch_sh = self._batch_sharding()
+        self._step = jax.jit(
+            step_fn,
+            in_shardings=(state_sh, self.batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=(0,),
+        )
+        b = cfg.buckets.batch_video or cfg.buckets.batch_image
+        self.data_iter = self.C.RecordIterator(
+            encoded, b, cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        self.ckpt = TrainCheckpointer(
+            self.run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+        )
+        self.start_step = 0
+        latest = self.ckpt.latest_step() if cfg.checkpoint.resume else None
+        if latest is not None:
+            self.state, data_state = self.ckpt.restore(latest, self.state)
+            self.data_iter.set_state(data_state)
+            self.start_step = latest
+        return self
+
+    def global_batch(self, local: dict) -> dict:
+        """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sh[k], np.asarray(local[k]))
+            for k in ("latents", "prompt_embeds", "pooled")
+        }
+
+    def train_step(self, batch: dict):
+        """Run one compiled step on a global batch; returns host metrics (a dict of floats)."""
+        with jax.set_mesh(self.mesh), activation_sharding(self.mesh):
+            self.state, metrics = self._step(self.state, batch)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    # -- the loop
+    def run(self) -> dict:
+        """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...)."""
+        cfg = self.cfg
+        if not hasattr(self, "_step"):
+            self.setup()
+        logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard)
+        bar = ProgressBar(cfg.steps, self.start_step, enabled=self.main and cfg.logging.progress_bar)
+        stop = {"sigterm": False}
+        prev = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+        except ValueError:  # not the main thread
+            prev = None
+        step = self.start_step
+        nonfinite = 0
+        losses = []
+        status = "completed"
+        t_last, n_last = time.perf_counter(), 0
+        try:
+            while step < cfg.steps:
+                local = next(self.data_iter)
+                batch = self.global_batch(local)
+                m = self.train_step(batch)
+                step += 1
+                tokens = latent_tokens(batch["latents"].shape)
+                n_last += 1
+                losses.append(m["loss"])
+                if not m.pop("finite"):
+                    nonfinite += 1
+                    logger.event(step, event="nonfinite_loss", loss=str(m["loss"]), grad_norm=str(m["grad_norm"]),
+                                 count=nonfinite)
+                    bar.write(f"step {step}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}); update skipped")
+                    if nonfinite >= cfg.max_nonfinite:
+                        status = f"stopped: {nonfinite} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
+                        break
+                if step % cfg.logging.every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    sps = n_last / max(now - t_last, 1e-9)
+                    t_last, n_last = now, 0
+                    m.update(steps_per_s=sps, tokens_per_s=sps * tokens)
+                    logger.log(step, m)
+                bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
+                self.ckpt.save(step, self.state, self.data_iter.get_state())
+                if stop["sigterm"]:
+                    status = "interrupted by SIGTERM (checkpoint saved)"
+                    break
+            if step not in self.ckpt.all_steps():
+                self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
+            self.ckpt.wait()
+        finally:
+            self.ckpt.close()
+            bar.close()
+            logger.flush()
+            logger.close()
+            if prev is not None:
+                signal.signal(signal.SIGTERM, prev)
+        skipped = self.encode_stats.get("skipped", [])
+        summary = {
+            "status": status,
+            "start_step": self.start_step,
+            "final_step": step,
+            "losses": losses,
+            "nonfinite": nonfinite,
+            "records": self.encode_stats.get("records"),
+            "skipped_files": skipped,
+            "run_dir": str(self.run_dir),
+        }
+        if self.main:
+            _atomic_write(self.run_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+        return summary
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"contentv_jax.train:{name}")
+
+
+def train(cfg: TrainConfig, *, devices=None) -> dict:
+    """Run a training job (see module docstring); returns the summary dict."""
+    return Trainer(cfg, devices=devices).setup().run()
