@@ -106,26 +106,33 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 def probe_video(path: str | os.PathLike, *, exact: bool = False) -> VideoInfo:
     """Frame count, fps and size of ``path``.
 
-    With ``exact=False`` the frame count is the container's (or duration x fps when absent); with
-    ``exact=True`` every packet is demuxed (no decoding) and counted.
+    With ``exact=False`` the frame count is the container's (or duration x fps when absent). With
+    ``exact=True`` every packet is demuxed (cheap: no decoding) and counted, which also detects a
+    truncated file: fewer packets than the container declares.
 
     Raises:
-      VideoReadError: as :func:`iter_video_frames`, or when the container reports no frames.
+      VideoReadError: as :func:`iter_video_frames`; when the container reports no frames; with
+        ``exact=True``, when packets are missing (truncated file).
     """
     container = _open(path)
     try:
         stream = container.streams.video[0]
         fps = _stream_fps(stream, path)
         height, width = stream.codec_context.height, stream.codec_context.width
-        n = stream.frames
-        if exact or not n:
-            if not exact and stream.duration and stream.time_base:
-                n = int(round(float(stream.duration * stream.time_base) * fps))
-            else:
-                try:
-                    n = sum(1 for p in container.demux(stream) if p.size)
-                except Exception as e:
-                    raise VideoReadError(f"video {os.fspath(path)!r}: demux failed ({e})") from e
+        declared = int(stream.frames or 0)
+        n = declared
+        if exact:
+            try:
+                n = sum(1 for p in container.demux(stream) if p.size)
+            except Exception as e:
+                raise VideoReadError(f"video {os.fspath(path)!r}: demux failed ({e})") from e
+            if declared and n < declared:
+                raise VideoReadError(
+                    f"video {os.fspath(path)!r}: truncated (the container declares {declared} frames, "
+                    f"only {n} are present)"
+                )
+        elif not n and stream.duration and stream.time_base:
+            n = int(round(float(stream.duration * stream.time_base) * fps))
         if n <= 0 or height <= 0 or width <= 0:
             raise VideoReadError(f"video {os.fspath(path)!r}: no frames (size {width}x{height})")
         return VideoInfo(os.fspath(path), int(n), fps, int(height), int(width))
@@ -139,12 +146,13 @@ def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
     ``max_frames`` stops decoding after that many frames.
 
     Raises:
-      VideoReadError: missing, zero-byte, corrupt or truncated file (a decode error anywhere), no video
-        stream, or no decodable frame.
+      VideoReadError: missing, zero-byte, corrupt or truncated file (a decode error anywhere, or fewer
+        frames than the container declares), no video stream, or no decodable frame.
     """
     container = _open(path)
     try:
         fps = _stream_fps(container.streams.video[0], path)
+        declared = int(container.streams.video[0].frames or 0)
     finally:
         container.close()
     frames = []
@@ -154,6 +162,10 @@ def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
             break
     if not frames:
         raise VideoReadError(f"video {os.fspath(path)!r}: no decodable frame")
+    if max_frames is None and declared and len(frames) < declared:
+        raise VideoReadError(
+            f"video {os.fspath(path)!r}: truncated (the container declares {declared} frames, {len(frames)} decode)"
+        )
     return np.stack(frames), fps
 
 

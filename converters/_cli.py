@@ -30,7 +30,8 @@ def main(direction: str, argv: list[str] | None = None) -> int:
     kwargs = {}
     if getattr(args, "max_shard_size", None) is not None:
         kwargs["max_shard_size"] = args.max_shard_size
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("converters").setLevel(logging.INFO)
     try:
         module = importlib.import_module(f"converters.{args.component}")
     except ModuleNotFoundError as e:

@@ -63,13 +63,17 @@ def test_bad_files_raise_naming_the_file(tmp_path, shared_data):
         with pytest.raises(video.VideoReadError, match=what) as e:
             video.read_video(p)
         assert str(p) in str(e.value)
-    # a truncated mp4 (moov at the end is lost, or frames missing) never decodes silently to full length
-    try:
-        frames, _ = video.read_video(trunc)
-    except video.VideoReadError as e:
-        assert str(trunc) in str(e)
-    else:
-        assert len(frames) < 179
+    # a truncated mp4 (moov box first, as in the shared clips: the head still decodes) is an error,
+    # from the demuxer's packet count and from a full decode alike
+    for frac in (0.3, 0.95):
+        trunc.write_bytes(src[: int(len(src) * frac)])
+        with pytest.raises(video.VideoReadError, match="truncated") as e:
+            video.probe_video(trunc, exact=True)
+        assert str(trunc) in str(e.value)
+        with pytest.raises(video.VideoReadError, match="truncated"):
+            video.read_video(trunc)
+    # the intact file passes both checks
+    assert video.probe_video(shared_data / "videos" / "intel_bottle_hand_6s.mp4", exact=True).num_frames == 179
 
 
 def test_read_real_clip_and_read_frames(shared_data):

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from contentv_jax.models.attention import joint_attention
+from contentv_jax.sharding import ulysses
 from contentv_jax.sharding.logical import constrain
 
 log = logging.getLogger(__name__)
@@ -365,13 +366,13 @@ class JointAttention(nnx.Module):
         b, s, _ = x.shape
         return constrain(x.reshape(b, s, self.heads, self.head_dim), ("batch", tokens, "heads", "head_dim"))
 
-    def __call__(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self, x: jax.Array, c: jax.Array, img_valid: int | None = None) -> tuple[jax.Array, jax.Array | None]:
         q, k, v = (self._heads(f(x), "video_tokens") for f in (self.to_q, self.to_k, self.to_v))
         cq, ck, cv = (self._heads(f(c), "text_tokens") for f in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
             cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
-        out_x, out_c = joint_attention(q, k, v, cq, ck, cv, kernel=self.kernel)
+        out_x, out_c = joint_attention(q, k, v, cq, ck, cv, kernel=self.kernel, img_valid=img_valid)
         b = x.shape[0]
         out_x = self.to_out(out_x.reshape(b, out_x.shape[1], -1))
         out_c = None if self.to_add_out is None else self.to_add_out(out_c.reshape(b, out_c.shape[1], -1))
@@ -394,13 +395,13 @@ class JointTransformerBlock(nnx.Module):
         self.ff = FeedForward(cfg, rngs=rngs, tokens="video_tokens")
         self.ff_context = None if context_pre_only else FeedForward(cfg, rngs=rngs, tokens="text_tokens")
 
-    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array):
+    def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, img_valid: int | None = None):
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
         if self.context_pre_only:
             nc = self.norm1_context(c, temb)
         else:
             nc, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(c, temb)
-        attn_x, attn_c = self.attn(nx, nc)
+        attn_x, attn_c = self.attn(nx, nc, img_valid)
         x = x + gate_msa[:, None] * attn_x
         nx = layer_norm(x, self.eps) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         x = constrain(x + gate_mlp[:, None] * self.ff(nx), ("batch", "video_tokens", "embed"))
@@ -492,7 +493,7 @@ class MMDiT(nnx.Module):
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
         if latents.shape[2] % cfg.patch_size or latents.shape[3] % cfg.patch_size:
-            raise ValueError(f"latent H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
+            raise ValueError(f"latents H, W {latents.shape[2:4]} must be multiples of patch_size {cfg.patch_size}")
         if timestep.shape != (b,):
             raise ValueError(f"timestep must be ({b},) (sigma * 1000), got {timestep.shape}")
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.joint_attention_dim:
@@ -500,14 +501,14 @@ class MMDiT(nnx.Module):
         if pooled.shape != (b, cfg.pooled_projection_dim):
             raise ValueError(f"pooled must be ({b}, {cfg.pooled_projection_dim}), got {pooled.shape}")
 
-    def _run_blocks(self, x, c, temb):
+    def _run_blocks(self, x, c, temb, img_valid=None):
         if self.transformer_blocks is None:
             return x, c
         graphdef, state = nnx.split(self.transformer_blocks)
 
         def body(carry, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(carry[0], carry[1], temb), None
+            return block(carry[0], carry[1], temb, img_valid), None
 
         policy_name = self.cfg.remat_policy
         if policy_name != "none":
@@ -520,12 +521,18 @@ class MMDiT(nnx.Module):
         cfg = self.cfg
         b, t, h, w, _ = latents.shape
         p = cfg.patch_size
-        x = constrain(self.pos_embed(latents), ("batch", "video_tokens", "embed"))
+        x = self.pos_embed(latents)
+        # Ulysses: pad the video tokens to a multiple of the sequence-parallel size; the pad keys are
+        # masked out of attention (img_valid) and the pad tokens sliced off before unpatchify.
+        n_tok = x.shape[1]
+        x = ulysses.pad_tokens(x, ulysses.sequence_size())
+        img_valid = None if x.shape[1] == n_tok else n_tok
+        x = constrain(x, ("batch", "video_tokens", "embed"))
         temb = self.time_text_embed(timestep, pooled.astype(cfg.jnp_dtype))
         c = constrain(self.context_embedder(context), ("batch", "text_tokens", "embed"))
-        x, c = self._run_blocks(x, c, temb)
-        x, _ = self.final_block(x, c, temb)
-        x = self.proj_out(self.norm_out(x, temb))  # (B, t*h*w, p*p*C)
+        x, c = self._run_blocks(x, c, temb, img_valid)
+        x, _ = self.final_block(x, c, temb, img_valid)
+        x = self.proj_out(self.norm_out(x, temb))[:, :n_tok]  # (B, t*h*w, p*p*C)
         x = x.reshape(b, t, h // p, w // p, p, p, cfg.out_channels).transpose(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(b, t, h, w, cfg.out_channels)
 
@@ -537,9 +544,9 @@ def abstract_model(cfg: TransformerConfig) -> MMDiT:
 
 
 def init_model(cfg: TransformerConfig, seed: int = 0) -> MMDiT:
-    """A randomly initialised model (built without a mesh)."""
+    """A randomly initialised model (built without a mesh, in one compiled computation)."""
     with nnx.use_eager_sharding(False):
-        return MMDiT(cfg, rngs=nnx.Rngs(seed))
+        return nnx.jit(lambda: MMDiT(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> MMDiT:

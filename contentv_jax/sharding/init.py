@@ -9,7 +9,6 @@ devices hold). This is the flax NNX "sharded init" recipe with logical axis rule
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,39 +16,15 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, logical_to_spec
+from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, spec_for
 
 STATE_DIR = "state"  # our checkpoint layout: <dir>/config.json + <dir>/state/ (Orbax), see docs/design.md
 
 
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
-
-
-def spec_for(shape: tuple[int, ...], names, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
-    """The ``PartitionSpec`` the rules give logical ``names`` for an array of ``shape`` on ``mesh``.
-
-    Mesh axes absent from ``mesh`` are dropped, and so are trailing mesh axes of a dimension whose
-    size their product does not divide (that dimension is then sharded less, or replicated).
-    ``names=None`` (no metadata) means replicated.
-
-    Raises:
-      ValueError: if ``len(names) != len(shape)``.
-    """
-    if names is None:
-        return PartitionSpec()
-    if len(names) != len(shape):
-        raise ValueError(f"logical names {tuple(names)} do not match a shape of rank {len(shape)}: {shape}")
-    out = []
-    for size, entry in zip(shape, logical_to_spec(names, rules)):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        axes = tuple(a for a in axes if a in mesh.shape)
-        while axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes = axes[:-1]
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*out)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,33 @@ def logical_to_spec(names: Sequence[str | None], rules: LogicalRules = DEFAULT_R
     return PartitionSpec(*out)
 
 
+def spec_for(
+    shape: Sequence[int], names: Sequence[str | None] | None, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> PartitionSpec:
+    """The ``PartitionSpec`` the rules give logical ``names`` for an array of ``shape`` on ``mesh``.
+
+    Like :func:`logical_to_spec`, then: mesh axes absent from ``mesh`` are dropped, and so are trailing
+    mesh axes of a dimension whose size their product does not divide (that dimension is then split
+    over fewer axes, or replicated; e.g. a batch of 2 on ``('data', 'fsdp')`` = (2, 2) goes on ``data``).
+    ``names=None`` (no metadata) means replicated.
+
+    Raises:
+      ValueError: if ``len(names) != len(shape)``.
+    """
+    if names is None:
+        return PartitionSpec()
+    if len(names) != len(shape):
+        raise ValueError(f"logical names {tuple(names)} do not match a shape of rank {len(shape)}: {tuple(shape)}")
+    out = []
+    for size, entry in zip(shape, logical_to_spec(names, rules)):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        axes = tuple(a for a in axes if a in mesh.shape)
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
     """Within this context, :func:`constrain` applies ``rules`` on ``mesh``."""
@@ -67,6 +95,9 @@ def active() -> tuple[Mesh, LogicalRules] | None:
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """``with_sharding_constraint`` by logical names; the identity when no mesh is active.
 
+    The spec is :func:`spec_for` ``(x.shape, names, mesh, rules)``: dimensions the mesh axes do not
+    divide are split over fewer axes rather than failing.
+
     Args:
       x: any array; ``len(names)`` must equal ``x.ndim``.
       names: one logical name (or ``None``) per dimension.
@@ -79,4 +110,4 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if ctx is None:
         return x
     mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(x.shape, names, mesh, rules)))

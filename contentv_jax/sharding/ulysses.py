@@ -14,14 +14,13 @@ end and the pad keys are masked out of attention (pad queries are sliced off).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, logical_to_spec
+from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, active, spec_for
 
 AXIS = "sequence"
 
@@ -35,13 +34,23 @@ def _pad(x: jax.Array, axis: int, to: int) -> jax.Array:
 
 
 def batch_axes(mesh: Mesh, rules: LogicalRules, batch: int) -> tuple[str, ...]:
-    """The mesh axes the rules put ``batch`` on, keeping the leading ones whose product divides ``batch``."""
-    entry = logical_to_spec(("batch",), rules)[0]
+    """The mesh axes the rules put ``batch`` on (as :func:`logical.spec_for` places a batch of that size)."""
+    entry = spec_for((batch,), ("batch",), mesh, rules)[0]
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    axes = tuple(a for a in axes if a != AXIS and a in mesh.shape)
-    while axes and batch % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
+    if AXIS in axes:
+        raise ValueError(f"ulysses: the rules put the batch on {AXIS!r}, which Ulysses needs for tokens")
     return axes
+
+
+def sequence_size() -> int:
+    """The ``sequence`` axis size of the active mesh (``logical.activation_sharding``), 1 without one."""
+    ctx = active()
+    return 1 if ctx is None else ctx[0].shape.get(AXIS, 1)
+
+
+def pad_tokens(x: jax.Array, multiple: int) -> jax.Array:
+    """Pad ``x`` (B, S, ...) with zero tokens at the end of axis 1 to a multiple of ``multiple``."""
+    return _pad(x, 1, -(-x.shape[1] // multiple) * multiple)
 
 
 def ulysses_joint_attention(

@@ -35,6 +35,7 @@ class ModelConfig:
     init: str = "random"
     dtype: str = "bfloat16"
     remat_policy: str = ""
+    latent_channels: int = 0
 
 
 @dataclasses.dataclass
@@ -62,7 +63,8 @@ class DataSection:
     ``<run_dir>/encoded`` (``cache_dir`` overrides) and reused by later runs.
 
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
-    ``fps``: clip frame rate. ``num_synthetic``: number of synthetic videos.
+    ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
+    count and frames per video (at ``fps``). ``num_threads``: grain read threads.
     """
 
     dir: str = ""
@@ -70,26 +72,31 @@ class DataSection:
     fps: float = 8.0
     caption_dropout: float = 0.1
     num_synthetic: int = 16
-    num_workers: int = 0
+    synthetic_frames: int = 24
+    num_threads: int = 2
 
 
 @dataclasses.dataclass
 class BucketSection:
     """Aspect-ratio x duration buckets (report section 5) and the batch sizes of Table 2.
 
-    ``max_frames`` x ``max_height`` x ``max_width``: the largest clip (pixels; frames 4k+1).
-    ``aspect_ratios``: ``"w:h"`` strings. ``durations``: clip lengths in frames (each 4k+1, 1 = image).
-    ``batch_video`` / ``batch_image``: total (global) batch for video / image buckets; 0 disables that kind.
-    ``image_fraction``: share of steps drawing an image bucket (the image/video mix).
+    ``max_frames`` x ``max_height`` x ``max_width``: the stage's largest clip in pixels (frames 4k+1;
+    height and width multiples of 16); the seven aspect ratios 16:9 3:2 4:3 1:1 3:4 2:3 9:16 keep this
+    area; durations are whole seconds at ``data.fps`` up to ``max_frames``
+    (``contentv_jax.train.buckets.make_buckets``).
+    ``batch_video`` / ``batch_image``: total (global) batch at the largest video / image bucket (smaller
+    buckets scale it up to keep tokens per step about constant).
+    ``videos`` / ``images``: which kinds of bucket train; ``image_fraction``: share of steps that draw an
+    image bucket when both do (the report's balanced image/video mix is 0.5).
     """
 
     max_frames: int = 9
     max_height: int = 64
     max_width: int = 64
-    aspect_ratios: tuple[str, ...] = ("1:1",)
-    durations: tuple[int, ...] = (9,)
-    batch_video: int = 2
+    batch_video: int = 4
     batch_image: int = 0
+    videos: bool = True
+    images: bool = False
     image_fraction: float = 0.0
 
 
@@ -122,12 +129,15 @@ class ScheduleSection:
 @dataclasses.dataclass
 class CheckpointSection:
     """Orbax CheckpointManager: a save every ``every`` steps (and at the end), the last ``keep`` kept,
-    asynchronous when ``async_save``; ``resume`` restores the latest checkpoint of the run dir."""
+    asynchronous when ``async_save``; ``resume`` restores the latest checkpoint of the run dir;
+    ``export`` writes the final weights (EMA when enabled) as a transformer checkpoint to
+    ``<run_dir>/transformer`` (``load_transformer`` format: the next stage's ``model.init``)."""
 
     every: int = 50
     keep: int = 2
     async_save: bool = True
     resume: bool = True
+    export: bool = True
 
 
 @dataclasses.dataclass
@@ -162,23 +172,12 @@ class TrainConfig:
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
 
 
-def parse_aspect_ratio(text: str, key: str = "buckets.aspect_ratios") -> tuple[int, int]:
-    """``"16:9"`` -> ``(16, 9)`` (width, height). Raises ConfigError naming ``key``."""
-    try:
-        w, h = (int(p) for p in text.split(":"))
-    except ValueError:
-        raise ConfigError(f"config key {key!r}: aspect ratio {text!r} is not of the form 'W:H'") from None
-    if w <= 0 or h <= 0:
-        raise ConfigError(f"config key {key!r}: aspect ratio {text!r} must be positive")
-    return w, h
-
-
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check values and shapes before any work; returns ``cfg``.
 
     Raises:
       ConfigError: naming the key, for frames that are not 4k+1, spatial sizes not divisible by
-        ``VAE_SPATIAL_FACTOR * PATCH_SIZE`` (16), a duration over ``max_frames``, batch sizes or
+        ``VAE_SPATIAL_FACTOR * PATCH_SIZE`` (16), batch sizes or
         probabilities out of range, an unknown schedule or dtype, non-positive steps.
     """
     def err(key, msg):
@@ -197,29 +196,24 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, v in (("buckets.max_height", b.max_height), ("buckets.max_width", b.max_width)):
         if v < unit or v % unit:
             err(key, f"must be a positive multiple of {unit} (VAE 8x times patch 2), got {v}")
-    if not b.aspect_ratios:
-        err("buckets.aspect_ratios", "needs at least one aspect ratio")
-    for r in b.aspect_ratios:
-        parse_aspect_ratio(r)
-    if not b.durations:
-        err("buckets.durations", "needs at least one duration")
-    for d in b.durations:
-        if d < 1 or (d - 1) % VAE_TEMPORAL_FACTOR:
-            err("buckets.durations", f"each duration must be 4k+1 frames, got {d}")
-        if d > b.max_frames:
-            err("buckets.durations", f"duration {d} exceeds buckets.max_frames={b.max_frames}")
-    if b.batch_video < 0 or b.batch_image < 0 or b.batch_video + b.batch_image == 0:
-        err("buckets.batch_video", f"batch sizes must be >= 0 and not both 0, got video {b.batch_video}, image {b.batch_image}")
+    if not (b.videos or b.images):
+        err("buckets.videos", "at least one of buckets.videos / buckets.images must be true")
+    if b.videos and b.max_frames == 1:
+        err("buckets.max_frames", "video buckets need max_frames > 1 (set buckets.videos=false for images only)")
+    if b.videos and b.batch_video < 1:
+        err("buckets.batch_video", f"must be >= 1 when buckets.videos is true, got {b.batch_video}")
+    if b.images and b.batch_image < 1:
+        err("buckets.batch_image", f"must be >= 1 when buckets.images is true, got {b.batch_image}")
     if not 0.0 <= b.image_fraction <= 1.0:
         err("buckets.image_fraction", f"must be in [0, 1], got {b.image_fraction}")
-    if b.image_fraction > 0 and b.batch_image == 0:
-        err("buckets.batch_image", "must be > 0 when buckets.image_fraction > 0")
-    if b.image_fraction < 1 and b.batch_video == 0:
-        err("buckets.batch_video", "must be > 0 when buckets.image_fraction < 1")
-    if b.image_fraction < 1 and all(d == 1 for d in b.durations):
-        err("buckets.durations", "video steps need a duration > 1 frame")
+    if b.images and b.videos and b.image_fraction in (0.0, 1.0):
+        err("buckets.image_fraction", "must be strictly between 0 and 1 when both images and videos train")
     if not 0.0 <= cfg.data.caption_dropout <= 1.0:
         err("data.caption_dropout", f"must be in [0, 1], got {cfg.data.caption_dropout}")
+    if cfg.model.latent_channels < 0:
+        err("model.latent_channels", f"must be >= 0, got {cfg.model.latent_channels}")
+    if not cfg.data.dir and cfg.data.synthetic_frames < cfg.buckets.max_frames:
+        err("data.synthetic_frames", f"must be >= buckets.max_frames={cfg.buckets.max_frames} for one clip per video")
     if cfg.data.fps <= 0:
         err("data.fps", f"must be > 0, got {cfg.data.fps}")
     o = cfg.optimizer

@@ -43,4 +43,4 @@ def ema_update(ema, params, decay: float):
 
 def global_norm(tree) -> jax.Array:
     """The float32 global L2 norm of a pytree."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from contentv_jax.config import ConfigError, to_dict
+from contentv_jax.encode import read_index
 from contentv_jax.scheduler import sample_training_sigmas
 from contentv_jax.sharding.distributed import is_main_process
 from contentv_jax.sharding.logical import activation_sharding
@@ -41,10 +42,7 @@ from contentv_jax.train import loss as fm
 from contentv_jax.train.checkpoint import TrainCheckpointer
 from contentv_jax.train.config import (
     PATCH_SIZE,
-    VAE_SPATIAL_FACTOR,
-    VAE_TEMPORAL_FACTOR,
     TrainConfig,
-    parse_aspect_ratio,
     validate,
 )
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
@@ -57,17 +55,10 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 
 
 def _components() -> SimpleNamespace:
-    """The VAE and data modules: the real ones where they have landed, else the stand-ins."""
+    """The VAE module: the real one where it has landed, else the stand-in."""
     from contentv_jax.train import standins as S
 
-    ns = SimpleNamespace()
-    ns.get_vae_config, ns.WanVAE, ns.load_vae, ns.save_vae = S.get_vae_config, S.WanVAE, S.load_vae, S.save_vae
-    ns.make_synthetic_dataset, ns.encode_dataset, ns.RecordIterator = (
-        S.make_synthetic_dataset,
-        S.encode_dataset,
-        S.RecordIterator,
-    )
-    return ns
+    return SimpleNamespace(get_vae_config=S.get_vae_config, WanVAE=S.WanVAE, load_vae=S.load_vae, save_vae=S.save_vae)
 
 
 def _cfg_get(config, *names, default=None):
@@ -75,19 +66,6 @@ def _cfg_get(config, *names, default=None):
         if hasattr(config, n):
             return getattr(config, n)
     return default
-
-
-def bucket_shape(cfg: TrainConfig) -> tuple[int, int, int]:
-    """(frames, height, width) in pixels of the first video bucket: the first aspect ratio scaled to the
-    largest area <= ``max_height * max_width`` on the 16-pixel grid (VAE 8x times patch 2)."""
-    b = cfg.buckets
-    unit = VAE_SPATIAL_FACTOR * PATCH_SIZE
-    w_r, h_r = parse_aspect_ratio(b.aspect_ratios[0])
-    scale = math.sqrt(b.max_height * b.max_width / (w_r * h_r))
-    h = max(unit, int(h_r * scale) // unit * unit)
-    w = max(unit, int(w_r * scale) // unit * unit)
-    frames = max(d for d in b.durations)
-    return frames, h, w
 
 
 def latent_tokens(latents_shape) -> int:
@@ -195,15 +173,26 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir).absolute()
         self.main = is_main_process()
         self.devices = list(devices) if devices is not None else jax.devices()
-        self.mesh = create_mesh(cfg.mesh, self.devices)
+        try:
+            self.mesh = create_mesh(cfg.mesh, self.devices)
+        except ValueError as e:
+            raise ConfigError(f"config key 'mesh': {e}") from None
         shard = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_multiple = math.lcm(shard, jax.process_count())
         b = cfg.buckets
-        for key, v in (("buckets.batch_video", b.batch_video), ("buckets.batch_image", b.batch_image)):
-            if v and v % (shard * jax.process_count()):
+        for key, v, on in (("buckets.batch_video", b.batch_video, b.videos), ("buckets.batch_image", b.batch_image, b.images)):
+            if on and v % self.batch_multiple:
                 raise ConfigError(
-                    f"config key {key!r}: batch {v} is not divisible by data x fsdp = {shard} "
+                    f"config key {key!r}: batch {v} is not divisible by the mesh's data x fsdp = {shard} "
                     f"(and {jax.process_count()} processes)"
                 )
+        for key, path in (("data.dir", cfg.data.dir), ("vae.path", cfg.vae.path), ("text.path", cfg.text.path)):
+            if path and not Path(path).is_dir():
+                raise ConfigError(f"config key {key!r}: {path!r} is not a directory")
+        if cfg.data.dir and not (Path(cfg.data.dir) / "captions.jsonl").is_file():
+            raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
+        self.model_config, self.model_source = self._model_config()
+        self.cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else self.run_dir / "encoded"
         self.C = _components()
         self.encode_stats: dict = {}
 
@@ -226,6 +215,8 @@ class Trainer:
                     f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
                 )
             ov["remat_policy"] = cfg.remat_policy
+        if cfg.latent_channels:
+            ov["in_channels"] = ov["out_channels"] = cfg.latent_channels
         if cfg.init == "random":
             try:
                 return T.get_config(cfg.name, **ov), "random"
@@ -297,35 +288,48 @@ class Trainer:
         _sync("vae")
         return self.C.load_vae(dst)
 
-    def _data(self, vae, text):
-        d = self.cfg.data
-        frames, h, w = bucket_shape(self.cfg)
-        if d.dir:
-            data_dir = Path(d.dir)
-            if not (data_dir / "captions.jsonl").is_file():
-                raise FileNotFoundError(f"--data {data_dir}: expected video files and a captions.jsonl there")
-        else:
-            data_dir = self.run_dir / "data"
-            if self.main and not (data_dir / "captions.jsonl").exists():
-                # a clip per bucket duration, with slack for the 8-fps resampling
-                self.C.make_synthetic_dataset(
-                    data_dir, d.num_synthetic, frames=2 * frames, height=max(h, 64), width=max(w, 64),
-                    fps=int(d.fps), seed=self.cfg.seed,
+    def _data(self):
+        """Render the synthetic dataset (no ``data.dir``), then encode once into the cache (its
+        ``index.json`` is written last, so a present index means a complete encode)."""
+        from contentv_jax.encode import encode_dataset, read_index
+        from contentv_jax.train.synthetic import make_synthetic_dataset
+
+        d, b = self.cfg.data, self.cfg.buckets
+        cache = self.cache_dir
+        want = {"fps": d.fps, "max_shape": [b.max_frames, b.max_height, b.max_width], "max_sequence_length": self.cfg.text.max_length}
+        data_dir = Path(d.dir) if d.dir else self.run_dir / "data"
+        if self.main:
+            have = None
+            if (cache / "index.json").exists():
+                index = read_index(cache)
+                have = {"fps": index["fps"], "max_shape": index["max_shape"],
+                        "max_sequence_length": index["text"]["max_sequence_length"]}
+                if have != want:
+                    warnings.warn(f"encoded cache {cache} was made with {have}, this run needs {want}: re-encoding")
+            if have != want:
+                text, vae = self._text_encoders(self.model_config), self._vae()
+                z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
+                if z_dim is not None and z_dim != self.model_config.in_channels:
+                    raise ConfigError(
+                        f"config key 'model.latent_channels': the VAE's {z_dim} latent channels do not match the "
+                        f"transformer's in_channels={self.model_config.in_channels}"
+                    )
+                if not d.dir and not (data_dir / "captions.jsonl").exists():
+                    # one frame size (the max shape): one bucket, one compile
+                    make_synthetic_dataset(
+                        data_dir, num_videos=d.num_synthetic, seed=self.cfg.seed, num_frames=d.synthetic_frames,
+                        fps=d.fps, sizes=((b.max_height, b.max_width),),
+                    )
+                encode_dataset(
+                    data_dir, cache, vae, text, fps=d.fps, max_frames=b.max_frames, max_height=b.max_height,
+                    max_width=b.max_width, max_sequence_length=self.cfg.text.max_length, seed=self.cfg.seed,
+                    progress=self.cfg.logging.progress_bar,
                 )
-        cache = Path(d.cache_dir) if d.cache_dir else self.run_dir / "encoded"
-        stats_path = cache / "encode_stats.json"
-        if self.main and not stats_path.exists():
-            stats = self.C.encode_dataset(
-                data_dir, cache, vae, text, frames=frames, height=h, width=w, fps=d.fps,
-                max_sequence_length=self.cfg.text.max_length,
-            )
-            _atomic_write(stats_path, json.dumps(stats, indent=1))
         _sync("encode")
-        self.encode_stats = json.loads(stats_path.read_text())
-        if not self.encode_stats.get("records"):
-            raise ValueError(
-                f"no usable clips in {data_dir}: every file was skipped ({self.encode_stats.get('skipped')})"
-            )
+        index = read_index(cache)
+        self.encode_stats = index["stats"]
+        if not index["stats"]["records"]:
+            raise ValueError(f"no usable clips in {data_dir}: every file was skipped ({index['stats']['skipped']})")
         return cache
 
     # -- state
@@ -336,6 +340,7 @@ class Trainer:
         model = self._build_model(model_config, source)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh))
+        self.param_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         pure = nnx.to_pure_dict(params)
         if any(x.dtype != jnp.float32 for x in jax.tree.leaves(pure)):
@@ -370,26 +375,47 @@ class Trainer:
             "pooled": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
         }
 
-    def setup(self):
-        """Everything before the first step: assets, data, model, optimizer, compiled step, resume."""
+    def prepare(self):
+        """Write the resolved config; unless the encoded cache is complete and matches: build or load the
+        text encoders and VAE, render the synthetic dataset (no ``data.dir``) and encode. Returns ``(model_config, source, encoded_dir)``."""
         cfg = self.cfg
         self._write_config()
-        model_config, source = self._model_config()
-        text = self._text_encoders(model_config)
-        vae = self._vae()
-        z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
-        in_ch = model_config.in_channels
-        if z_dim is not None and in_ch is not None and z_dim != in_ch:
+        model_config, source = self.model_config, self.model_source
+        encoded = self._data()
+        channels = read_index(encoded)["latent_channels"]
+        if channels != model_config.in_channels:
             raise ConfigError(
-                f"config key 'vae.name': the VAE's {z_dim} latent channels do not match model "
-                f"{cfg.model.name!r}'s in_channels={in_ch}"
+                f"config key 'model.latent_channels': the encoded latents have {channels} channels, "
+                f"the transformer takes {model_config.in_channels}"
             )
-        encoded = self._data(vae, text)
-        empty_ctx, empty_pooled = text.encode([""], max_sequence_length=cfg.text.max_length)
-        del vae, text
+        return model_config, source, encoded
+
+    def _batches(self, encoded):
+        from contentv_jax.train.data import TrainBatches
+
+        b = self.cfg.buckets
+        kinds = "both" if (b.images and b.videos) else ("image" if b.images else "video")
+        return TrainBatches(
+            encoded,
+            seed=self.cfg.seed,
+            video_batch_size=b.batch_video if b.videos else (b.batch_image or 1),
+            image_batch_size=b.batch_image if b.images else None,
+            batch_multiple=self.batch_multiple,
+            image_fraction=b.image_fraction if kinds == "both" else None,
+            kinds=kinds,
+            num_threads=self.cfg.data.num_threads,
+        )
+
+    def setup(self):
+        """Everything before the first step: :meth:`prepare`, model, optimizer, compiled step, resume."""
+        cfg = self.cfg
+        model_config, source, encoded = self.prepare()
+        self.data_iter = self._batches(encoded)
+        empty_ctx, empty_pooled = self.data_iter.null_text()
         self.tx = make_optimizer(cfg.optimizer)
         graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
         self.state, self.state_sh, self.template = state, state_sh, template
+        self.graphdef, self.rest = graphdef, rest
         repl = NamedSharding(self.mesh, PartitionSpec())
         step_fn = make_train_step(
             graphdef, template, rest, self.tx, cfg, jax.device_put(jnp.asarray(empty_ctx[0]), repl),
@@ -402,10 +428,6 @@ class Trainer:
             out_shardings=(state_sh, None),
             donate_argnums=(0,),
         )
-        b = cfg.buckets.batch_video or cfg.buckets.batch_image
-        self.data_iter = self.C.RecordIterator(
-            encoded, b, cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()
-        )
         self.ckpt = TrainCheckpointer(
             self.run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
@@ -417,6 +439,17 @@ class Trainer:
             self.data_iter.set_state(data_state)
             self.start_step = latest
         return self
+
+    def export(self, dst: Path) -> None:
+        """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
+        ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``)."""
+        from converters.common import save_checkpoint
+
+        weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
+        state = jax.tree.map(lambda v: v, self.param_state)
+        nnx.replace_by_pure_dict(state, weights)
+        model = nnx.merge(self.graphdef, state, self.rest)
+        save_checkpoint(dst, nnx.state(model), self.model_config.to_dict())
 
     def global_batch(self, local: dict) -> dict:
         """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
@@ -453,6 +486,8 @@ class Trainer:
         try:
             while step < cfg.steps:
                 local = next(self.data_iter)
+                if int(local.get("step", step)) != step:
+                    raise RuntimeError(f"data iterator is at step {local['step']}, the trainer at {step}")
                 batch = self.global_batch(local)
                 m = self.train_step(batch)
                 step += 1
@@ -481,6 +516,8 @@ class Trainer:
             if step not in self.ckpt.all_steps():
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
             self.ckpt.wait()
+            if cfg.checkpoint.export and status == "completed":
+                self.export(self.run_dir / "transformer")
         finally:
             self.ckpt.close()
             bar.close()
@@ -488,7 +525,9 @@ class Trainer:
             logger.close()
             if prev is not None:
                 signal.signal(signal.SIGTERM, prev)
-        skipped = self.encode_stats.get("skipped", [])
+        skipped = [
+            {"file": f, "reason": reason} for reason, files in self.encode_stats.get("skipped", {}).items() for f in files
+        ]
         summary = {
             "status": status,
             "start_step": self.start_step,

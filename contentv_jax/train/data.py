@@ -1,0 +1,313 @@
+"""The training data pipeline on grain: one bucket per step, per-host shards, exact resumable state.
+
+Reads the records of :mod:`contentv_jax.encode` (``index.json`` + one ArrayRecord file per bucket)::
+
+    batches = TrainBatches(records_dir, seed=0, video_batch_size=8, image_batch_size=16,
+                           batch_multiple=mesh_batch_size)
+    for batch in batches:          # or next(batches)
+        batch["latents"]           # float32 (B, T', h, w, C) normalised latents
+        batch["prompt_embeds"]     # float32 (B, 77 + L, Dctx)
+        batch["pooled"]            # float32 (B, Dpool)
+        batch["bucket"]            # str key, e.g. "f9_h48_w80"; batch["step"]: int
+    state = batches.get_state()    # JSON-able dict: save it with the checkpoint (orbax JsonSave)
+    batches.set_state(state)       # resume: the next batch is exactly the one that would have come
+
+How a step's batch is chosen (a pure function of ``(seed, step)`` and the index, so identical on every
+host and after any restart):
+
+1. bucket: :func:`contentv_jax.train.buckets.bucket_for_step(seed, step, available, weights)`;
+   weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
+   mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
+2. records: this host's shard of the bucket (records ``i`` with ``i % process_count ==
+   process_index``, the same count on every host), visited in a fresh permutation per epoch
+   (``numpy.random.default_rng([seed, crc32(key), epoch])``); the batch takes the next
+   ``local batch`` positions of that stream, where the position is the number of earlier steps
+   that drew the bucket times the local batch;
+3. batch sizes: the global batch of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
+   (tokens per batch kept about constant; ``video_batch_size`` at the stage's largest video shape);
+   each host yields ``global // process_count`` samples.
+
+The steps form a ``grain.MapDataset`` (random access by step), iterated with
+``to_iter_dataset(grain.ReadOptions(num_threads, prefetch_buffer_size))``: grain prefetches in threads
+and its iterator state (``next_index`` = the next step) is what :meth:`TrainBatches.get_state` saves,
+with a fingerprint (seed, shards, record counts) that :meth:`set_state` checks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contentv_jax.encode import decode_record, load_null_text, read_index
+from contentv_jax.train.buckets import Bucket, draw_index, make_buckets
+
+__all__ = ["TrainBatches", "StepPlanner"]
+
+_NUM_STEPS = 2**40  # the step dataset is "infinite": random access, never materialised
+_PREFIX_EVERY = 1024
+
+
+class StepPlanner:
+    """``plan(step) -> (bucket key, global record indices for this host)``, a pure function of the step.
+
+    Keeps prefix counts of bucket draws every 1024 steps so that ``plan`` at step ``s`` costs at most
+    1024 draws after the first call (thread-safe).
+    """
+
+    def __init__(
+        self,
+        num_records: Mapping[str, int],
+        local_batch: Mapping[str, int],
+        *,
+        seed: int,
+        process_index: int,
+        process_count: int,
+        weights: Mapping[str, float],
+    ):
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.num_local = {k: n // process_count for k, n in num_records.items()}
+        self.available = sorted(k for k, n in self.num_local.items() if n > 0 and weights.get(k, 0) > 0)
+        if not self.available:
+            raise ValueError(
+                f"no bucket has a record for each of {process_count} hosts with non-zero weight "
+                f"(records per bucket: {dict(num_records)}, weights: {dict(weights)})"
+            )
+        self.weights = {k: float(weights[k]) for k in self.available}
+        p = np.array([self.weights[k] for k in self.available])
+        self._cdf = np.cumsum(p / p.sum())  # bucket_for_step's distribution, computed once
+        self.local_batch = dict(local_batch)
+        self._prefix: list[dict[str, int]] = [dict.fromkeys(self.available, 0)]  # counts before step i*1024
+        self._lock = threading.Lock()
+        self._perms: dict[tuple[str, int], np.ndarray] = {}
+
+    def bucket(self, step: int) -> str:
+        """``bucket_for_step(seed, step, available, weights)`` (same draw, distribution precomputed)."""
+        return self.available[draw_index(self.seed, step, self._cdf)]
+
+    def draws_before(self, step: int) -> dict[str, int]:
+        """How many steps ``< step`` drew each bucket."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        block = step // _PREFIX_EVERY
+        with self._lock:
+            while len(self._prefix) <= block:
+                counts = dict(self._prefix[-1])
+                start = (len(self._prefix) - 1) * _PREFIX_EVERY
+                for s in range(start, start + _PREFIX_EVERY):
+                    counts[self.bucket(s)] += 1
+                self._prefix.append(counts)
+            counts = dict(self._prefix[block])
+        for s in range(block * _PREFIX_EVERY, step):
+            counts[self.bucket(s)] += 1
+        return counts
+
+    def _perm(self, key: str, epoch: int) -> np.ndarray:
+        with self._lock:
+            p = self._perms.get((key, epoch))
+            if p is None:
+                rng = np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch])
+                p = rng.permutation(self.num_local[key])
+                if len(self._perms) > 64:
+                    self._perms.clear()
+                self._perms[(key, epoch)] = p
+            return p
+
+    def plan(self, step: int) -> tuple[str, list[int]]:
+        key = self.bucket(step)
+        b = self.local_batch[key]
+        n = self.num_local[key]
+        start = self.draws_before(step)[key] * b
+        out = []
+        for pos in range(start, start + b):
+            local = int(self._perm(key, pos // n)[pos % n])
+            out.append(local * self.process_count + self.process_index)
+        return key, out
+
+
+class TrainBatches:
+    """Bucketed, host-sharded, resumable batches of encoded records (see the module docstring).
+
+    Args:
+      records_dir: an output directory of :func:`contentv_jax.encode.encode_dataset`.
+      seed: the shared data seed (bucket draws and record order).
+      video_batch_size / image_batch_size: global batch at the stage's largest video / image bucket
+        (``image_batch_size`` defaults to ``video_batch_size``); smaller buckets get larger batches.
+      batch_multiple: every global batch is a multiple of it (the mesh's batch-sharding size); must
+        be a multiple of ``process_count``.
+      process_index / process_count: this host and the host count (default ``jax.process_index()``
+        / ``jax.process_count()``).
+      bucket_weights: ``"records"`` (default), ``"uniform"`` or a mapping key -> weight.
+      image_fraction: when set, image buckets get this share of the draws, video buckets the rest.
+      kinds: ``"both"``, ``"video"`` or ``"image"``: the bucket kinds to draw from.
+      num_threads, prefetch: grain's read threads and prefetch buffer (batches).
+
+    Raises FileNotFoundError for a directory without ``index.json``, ValueError for bad sizes or when no
+    bucket has records for every host.
+    """
+
+    def __init__(
+        self,
+        records_dir: str | os.PathLike,
+        *,
+        seed: int = 0,
+        video_batch_size: int = 1,
+        image_batch_size: int | None = None,
+        batch_multiple: int = 1,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        bucket_weights: str | Mapping[str, float] = "records",
+        image_fraction: float | None = None,
+        kinds: str = "both",
+        num_threads: int = 2,
+        prefetch: int = 2,
+    ):
+        import grain
+
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+        if batch_multiple % process_count:
+            raise ValueError(
+                f"batch_multiple {batch_multiple} must be a multiple of process_count {process_count} "
+                "(every host yields global_batch / process_count samples)"
+            )
+        if kinds not in ("both", "video", "image"):
+            raise ValueError(f"kinds must be 'both', 'video' or 'image', got {kinds!r}")
+        self.records_dir = Path(records_dir)
+        self.index = read_index(self.records_dir)
+        self.seed = int(seed)
+        self.process_index, self.process_count = process_index, process_count
+        max_frames, max_h, max_w = self.index["max_shape"]
+        table = {
+            b.key: b
+            for b in make_buckets(
+                max_frames, max_h, max_w, fps=self.index["fps"], video_batch_size=video_batch_size,
+                image_batch_size=image_batch_size, images=True, videos=max_frames > 1,
+                batch_multiple=batch_multiple,
+            )
+        }
+        entries = self.index["buckets"]
+        unknown = [k for k in entries if k not in table]
+        if unknown:
+            raise ValueError(f"{self.records_dir}: buckets {unknown} do not belong to max shape {self.index['max_shape']}")
+        keep = [k for k in entries if kinds == "both" or (table[k].is_image == (kinds == "image"))]
+        self.buckets: dict[str, Bucket] = {k: table[k] for k in keep}
+        num_records = {k: int(entries[k]["num_records"]) for k in keep}
+        weights = self._weights(bucket_weights, image_fraction, num_records)
+        local_batch = {k: b.batch_size // process_count for k, b in self.buckets.items()}
+        self.planner = StepPlanner(
+            num_records, local_batch, seed=self.seed, process_index=process_index,
+            process_count=process_count, weights=weights,
+        )
+        self._sources = {
+            k: grain.MapDataset.source(
+                grain.sources.ArrayRecordDataSource([str(self.records_dir / entries[k]["file"])])
+            )
+            for k in self.planner.available
+        }
+        for k, src in self._sources.items():
+            if len(src) != num_records[k]:
+                raise ValueError(f"{self.records_dir / entries[k]['file']}: {len(src)} records, index says {num_records[k]}")
+        self.dataset = grain.MapDataset.range(0, _NUM_STEPS).map(self.batch)
+        self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+        self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
+        self._fingerprint = {
+            "seed": self.seed,
+            "process_index": process_index,
+            "process_count": process_count,
+            "num_records": {k: num_records[k] for k in self.planner.available},
+            "batch_sizes": {k: self.buckets[k].batch_size for k in self.planner.available},
+            "weights": self.planner.weights,
+        }
+
+    @staticmethod
+    def _weights(bucket_weights, image_fraction, num_records) -> dict[str, float]:
+        if isinstance(bucket_weights, Mapping):
+            extra = [k for k in bucket_weights if k not in num_records]
+            if extra:
+                raise ValueError(f"bucket_weights names unknown buckets {extra}; known: {sorted(num_records)}")
+            w = {k: float(bucket_weights.get(k, 0.0)) for k in num_records}
+        elif bucket_weights == "records":
+            w = {k: float(n) for k, n in num_records.items()}
+        elif bucket_weights == "uniform":
+            w = {k: 1.0 for k in num_records}
+        else:
+            raise ValueError(f"bucket_weights must be 'records', 'uniform' or a mapping, got {bucket_weights!r}")
+        if image_fraction is not None:
+            if not 0.0 <= image_fraction <= 1.0:
+                raise ValueError(f"image_fraction must be in [0, 1], got {image_fraction}")
+            img = {k for k in w if Bucket.from_key(k).is_image}
+            for group, share in ((img, image_fraction), (set(w) - img, 1.0 - image_fraction)):
+                tot = sum(w[k] for k in group)
+                for k in group:
+                    w[k] = share * w[k] / tot if tot > 0 else 0.0
+        return w
+
+    # -- random access ------------------------------------------------------------------------
+    def batch(self, step: int) -> dict[str, Any]:
+        """The batch of ``step`` for this host (what the iterator yields at that step)."""
+        key, idx = self.planner.plan(int(step))
+        src = self._sources[key]
+        recs = [decode_record(src[i]) for i in idx]
+        return {
+            "latents": np.stack([r["latents"] for r in recs]),
+            "prompt_embeds": np.stack([r["prompt_embeds"] for r in recs]),
+            "pooled": np.stack([r["pooled"] for r in recs]),
+            "bucket": key,
+            "step": int(step),
+        }
+
+    def null_text(self) -> tuple[np.ndarray, np.ndarray]:
+        """The empty prompt's ``(prompt_embeds (1, L, Dctx), pooled (1, Dpool))`` for caption dropout."""
+        return load_null_text(self.records_dir)
+
+    # -- iteration and state ------------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._iter)
+
+    @property
+    def step(self) -> int:
+        """The step of the next batch."""
+        return int(self._iter.get_state()["next_index"])
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-able iterator state: grain's ``next_index`` (the next step) plus a fingerprint."""
+        return {"version": 1, "grain": dict(self._iter.get_state()), **self._fingerprint}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`get_state`'s dict; the next batch is the one that followed it.
+
+        Raises ValueError when the state was made with another seed, host layout, record counts,
+        batch sizes or weights (the data order would differ).
+        """
+        if state.get("version") != 1:
+            raise ValueError(f"data iterator state version {state.get('version')!r}, expected 1")
+        for k, v in self._fingerprint.items():
+            if _jsonish(state.get(k)) != _jsonish(v):
+                raise ValueError(f"data iterator state does not match this pipeline: {k} was {state.get(k)!r}, now {v!r}")
+        self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
+        self._iter.set_state(dict(state["grain"]))
+
+    def seek(self, step: int) -> None:
+        """Continue from ``step`` (the batch of ``step`` comes next)."""
+        self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
+        self._iter.set_state({"next_index": int(step)})
+
+
+def _jsonish(x):
+    import json
+
+    return json.loads(json.dumps(x, sort_keys=True))

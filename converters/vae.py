@@ -1,0 +1,188 @@
+"""Wan2.1 VAE checkpoints: diffusers ``AutoencoderKLWan`` safetensors <-> our :class:`WanVAE` state.
+
+Names: our parameter path joined with ``.`` is the diffusers name, except ``kernel`` -> ``weight``
+and a ``Resample``'s conv ``resample`` -> ``resample.1`` (diffusers' ``nn.Sequential`` index).
+Layouts (docs/design.md): torch Conv3d ``(out, in, kt, kh, kw)`` <-> ours ``(kt, kh, kw, in, out)``;
+Conv2d ``(out, in, kh, kw)`` <-> ``(kh, kw, in, out)``; RMS-norm ``gamma`` ``(C, 1, 1, 1)`` (``(C, 1, 1)``
+in attention blocks) <-> ``(C,)``. Transposes and reshapes only, so tensors keep their dtype and
+the round trip diffusers -> ours -> diffusers is byte-identical.
+
+CLI: ``python -m converters.from_diffusers --component vae --src DIR --dst DIR`` and
+``python -m converters.to_diffusers --component vae --src DIR --dst DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from converters import common
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def _torch_name(path: tuple) -> str:
+    parts = [str(p) for p in path]
+    if parts[-1] == "kernel":
+        parts[-1] = "weight"
+    if len(parts) >= 2 and parts[-2] == "resample":
+        parts.insert(len(parts) - 1, "1")
+    return ".".join(parts)
+
+
+def _torch_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    leaf = path[-1]
+    if leaf == "kernel":  # (*k, in, out) -> (out, in, *k)
+        return (shape[-1], shape[-2], *shape[:-2])
+    if leaf == "gamma":
+        return (shape[0], 1, 1) if "attentions" in path else (shape[0], 1, 1, 1)
+    return tuple(shape)
+
+
+def to_ours(path: tuple, tensor: np.ndarray) -> np.ndarray:
+    """A diffusers tensor in our layout (see module docstring); ``path`` is our parameter path."""
+    if path[-1] == "kernel":
+        n = tensor.ndim
+        return np.ascontiguousarray(np.transpose(tensor, (*range(2, n), 1, 0)))
+    if path[-1] == "gamma":
+        return tensor.reshape(tensor.shape[0])
+    return tensor
+
+
+def to_torch(path: tuple, tensor: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_ours`."""
+    if path[-1] == "kernel":
+        n = tensor.ndim
+        return np.ascontiguousarray(np.transpose(tensor, (n - 1, n - 2, *range(n - 2))))
+    return np.ascontiguousarray(tensor.reshape(_torch_shape(path, tensor.shape)))
+
+
+def name_map(config) -> dict[str, tuple[tuple, tuple[int, ...]]]:
+    """{diffusers name: (our parameter path, diffusers shape)} for a :class:`VAEConfig`."""
+    from flax import nnx
+
+    from contentv_jax.models.vae import abstract_vae
+
+    state = nnx.state(abstract_vae(config), nnx.Param)
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        shape = tuple(var.get_value().shape)
+        out[_torch_name(path)] = (tuple(path), _torch_shape(path, shape))
+    return out
+
+
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{diffusers tensor name: shape} of an ``AutoencoderKLWan`` checkpoint with this config."""
+    return {k: v[1] for k, v in name_map(config).items()}
+
+
+def _pure_state(config, tensors: Mapping[str, common.LazyTensor], *, what: str, dtype=None) -> dict:
+    """Validate names/shapes/dtypes, then load every tensor into our nested pure dict (our layout)."""
+    names = name_map(config)
+    common.check_tensors({k: v[1] for k, v in names.items()}, {k: t.shape for k, t in tensors.items()}, what=what)
+    common.check_dtypes({k: t.st_dtype for k, t in tensors.items()}, what=what)
+    pure: dict = {}
+    for name, (path, _) in names.items():
+        arr = to_ours(path, tensors[name].load())
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        d = pure
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = arr
+    return pure
+
+
+def model_from_tensors(config, tensors: Mapping[str, common.LazyTensor], *, dtype=None, what: str = "VAE checkpoint"):
+    """Build a :class:`WanVAE` from diffusers-named tensors (``LazyTensor`` s), checked first.
+
+    Raises:
+      converters.common.CheckpointError: naming every missing / unexpected / mis-shaped tensor.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from contentv_jax.models.vae import abstract_vae
+
+    dtype = jnp.dtype(dtype or jnp.float32)
+    pure = _pure_state(config, tensors, what=what, dtype=dtype)
+    graphdef, state = nnx.split(abstract_vae(config, dtype))
+    nnx.replace_by_pure_dict(state, jax_tree_asarray(pure))
+    return nnx.merge(graphdef, state)
+
+
+def jax_tree_asarray(tree):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def from_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Convert a diffusers ``AutoencoderKLWan`` directory to our checkpoint (Orbax + config.json).
+
+    Tensors keep their dtype. The diffusers config dict is stored whole (so :func:`to_diffusers`
+    restores it). Nothing is written unless every tensor maps.
+
+    Raises:
+      converters.common.CheckpointError: missing / unexpected / mis-shaped tensors (each named) or a
+        malformed directory.
+      ValueError: a config that is not the Wan2.1 VAE.
+    """
+    from flax import nnx
+
+    from contentv_jax.models.vae import VAEConfig, abstract_vae
+
+    config_dict, tensors = common.open_diffusers_dir(src)
+    config = VAEConfig.from_diffusers(config_dict)
+    pure = _pure_state(config, tensors, what=str(src))
+    state = nnx.state(abstract_vae(config), nnx.Param)
+    nnx.replace_by_pure_dict(state, pure)
+    common.save_checkpoint(dst, state, config_dict)
+
+
+def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Convert our VAE checkpoint back to a diffusers directory (config.json + safetensors).
+
+    Raises:
+      converters.common.CheckpointError: ``src`` is not our checkpoint.
+      ValueError: its config is not the Wan2.1 VAE.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from contentv_jax.models.vae import VAEConfig, abstract_vae
+
+    config_dict = common.read_our_config(src)
+    config = VAEConfig.from_diffusers(config_dict)
+    # Restore with the stored dtypes (metadata) so that bytes are kept as written.
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(src), common.STATE_DIR))
+    meta_tree = getattr(meta, "item_metadata", meta)
+    abstract = nnx.state(abstract_vae(config), nnx.Param)
+    stored = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+        nnx.State(meta_tree).to_pure_dict() if not isinstance(meta_tree, dict) else meta_tree,
+        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
+    )
+    nnx.replace_by_pure_dict(abstract, _unwrap_values(stored))
+    state = common.load_checkpoint(src, abstract)
+    names = name_map(config)
+    flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
+    tensors = {}
+    for name, (path, _) in names.items():
+        var = flat[path]
+        arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var)
+        tensors[name] = to_torch(path, arr)
+    common.write_diffusers_dir(dst, config_dict, tensors, weights_name=WEIGHTS_NAME)
+
+
+def _unwrap_values(tree):
+    """Orbax metadata of an nnx.State nests leaves under ``{'value': ...}``; strip that level."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree

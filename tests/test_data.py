@@ -1,0 +1,188 @@
+"""Buckets, the synthetic dataset and the grain pipeline: shapes, determinism, host sharding, exact resume."""
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from contentv_jax import video
+from contentv_jax.encode import encode_dataset
+from contentv_jax.text import TextEncoders, build_tiny_text_encoders
+from contentv_jax.train import buckets as bk
+from contentv_jax.train.data import TrainBatches
+from contentv_jax.train.synthetic import COLORS, make_synthetic_dataset
+
+from _standins import PoolingVAE  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# buckets
+
+def test_stage3_buckets_match_table2():
+    bs = bk.make_buckets(125, 432, 768, fps=24, video_batch_size=256, image_batch_size=2048, images=True,
+                         batch_multiple=8)
+    by = {b.key: b for b in bs}
+    top = by["f125_h432_w768"]
+    assert top.tokens == 32 * 27 * 48 == 41472 and top.batch_size == 256 and top.aspect == "16:9"
+    assert {b.aspect for b in bs} == {"16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16"}
+    assert sorted({b.frames for b in bs}) == [1, 25, 49, 73, 97, 121, 125]  # images, 1..5 s at 24 fps, max
+    max_img = max(x.tokens for x in bs if x.is_image)
+    max_vid = max(x.tokens for x in bs if not x.is_image)  # 496x672 (4:3) rounds to 41,664 tokens
+    for b in bs:
+        assert b.height % 16 == 0 and b.width % 16 == 0 and b.batch_size % 8 == 0
+        # every aspect keeps the area of 432x768 within rounding; aspect ratio within 6 %
+        assert abs(b.height * b.width / (432 * 768) - 1) < 0.1
+        num, den = map(int, b.aspect.split(":"))
+        assert abs(math.log(b.width / b.height) - math.log(num / den)) < 0.06
+        # tokens per batch about constant: within one sample (rounded down to a multiple of 8)
+        base, ref = (2048, max_img) if b.is_image else (256, max_vid)
+        assert base * ref - 8 * b.tokens < b.batch_size * b.tokens <= base * ref * 1.0001
+    assert by["f25_h432_w768"].batch_size == 256 * 41664 // (7 * 27 * 48) // 8 * 8
+
+
+def test_tiny_buckets_and_assignment():
+    bs = bk.make_buckets(9, 64, 64, fps=8, video_batch_size=4)
+    assert [b.key for b in bs] == ["f9_h48_w80", "f9_h64_w64", "f9_h80_w48"]
+    assert bk.assign_bucket(bs, 432, 768, 80, 10.0, 8.0).key == "f9_h48_w80"
+    assert bk.assign_bucket(bs, 1080, 1080, 80, 10.0, 8.0).key == "f9_h64_w64"
+    assert bk.assign_bucket(bs, 1920, 1080, 80, 10.0, 8.0).key == "f9_h80_w48"
+    # 9 frames at 8 fps span 1 s: a 10 fps source needs 11 frames
+    assert bk.assign_bucket(bs, 64, 64, 11, 10.0, 8.0) is not None
+    assert bk.assign_bucket(bs, 64, 64, 10, 10.0, 8.0) is None
+    with pytest.raises(ValueError, match="divisible by 16"):
+        bk.make_buckets(9, 60, 64, fps=8)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        bk.make_buckets(10, 64, 64, fps=8)
+    assert bk.Bucket.from_key("f9_h48_w80").latent_shape() == (3, 6, 10, 16)
+
+
+def test_bucket_for_step_shared_and_weighted():
+    keys = ["b", "a", "c"]
+    draws = [bk.bucket_for_step(7, s, keys) for s in range(3000)]
+    assert draws == [bk.bucket_for_step(7, s, list(reversed(keys))) for s in range(3000)]  # order-free
+    assert draws != [bk.bucket_for_step(8, s, keys) for s in range(3000)]
+    c = Counter(bk.bucket_for_step(1, s, keys, {"a": 1, "b": 2, "c": 0}) for s in range(3000))
+    assert c["c"] == 0 and abs(c["b"] / 3000 - 2 / 3) < 0.04  # 4 sigma of a binomial(3000, 2/3)
+    c = Counter(draws)
+    assert all(abs(c[k] / 3000 - 1 / 3) < 0.04 for k in keys)
+    with pytest.raises(ValueError):
+        bk.bucket_for_step(0, 0, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic dataset
+
+def test_synthetic_dataset(tmp_path):
+    a = make_synthetic_dataset(tmp_path / "a", num_videos=4, seed=3)
+    b = make_synthetic_dataset(tmp_path / "b", num_videos=4, seed=3)
+    lines = [json.loads(x) for x in (a / "captions.jsonl").read_text().splitlines()]
+    assert lines == [json.loads(x) for x in (b / "captions.jsonl").read_text().splitlines()]
+    assert [x["file"] for x in lines] == [f"video_{i:03d}.mp4" for i in range(4)]
+    for line in lines:
+        words = line["caption"].split()
+        color, shape, direction, bg = words[1], words[2], words[4], words[-2]
+        frames, fps = video.read_video(a / line["file"])
+        assert fps == 8 and frames.shape[0] == 24
+        # the background colour fills the corners of the first frame; the shape's colour is present
+        np.testing.assert_allclose(frames[0, 1, 1], COLORS[bg], atol=12)
+        dist = np.abs(frames.astype(int) - np.array(COLORS[color])).sum(-1)
+        ys, xs = np.nonzero(dist[0] < 40)
+        ye, xe = np.nonzero(dist[-1] < 40)
+        assert len(ys) > 20 and len(ye) > 20
+        move = {"left": xe.mean() < xs.mean() - 5, "right": xe.mean() > xs.mean() + 5,
+                "up": ye.mean() < ys.mean() - 5, "down": ye.mean() > ys.mean() + 5}
+        assert move[direction], (line, xs.mean(), xe.mean(), ys.mean(), ye.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# the grain pipeline
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("pipe")
+    data = make_synthetic_dataset(root / "data", num_videos=8, seed=0, num_frames=24)
+    text = TextEncoders.from_pretrained(build_tiny_text_encoders(root / "te"))
+    encode_dataset(data, root / "records", PoolingVAE(), text, fps=8, max_frames=9, max_height=64, max_width=64,
+                   max_sequence_length=8, progress=False)
+    return root / "records"
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    assert [x["bucket"] for x in a] == [x["bucket"] for x in b]
+    for x, y in zip(a, b):
+        for k in ("latents", "prompt_embeds", "pooled"):
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_batches_shapes(records):
+    it = TrainBatches(records, seed=0, video_batch_size=2, process_index=0, process_count=1)
+    assert {k: b.batch_size for k, b in it.buckets.items()} == {"f9_h48_w80": 2, "f9_h64_w64": 2}
+    for x in _take(it, 4):
+        b = bk.Bucket.from_key(x["bucket"])
+        assert x["latents"].shape == (2, *b.latent_shape()) and x["latents"].dtype == np.float32
+        assert x["prompt_embeds"].shape == (2, 77 + 8, 64) and x["pooled"].shape == (2, 32)
+    ne, npool = it.null_text()
+    assert ne.shape == (1, 85, 64) and npool.shape == (1, 32)
+
+
+def test_resume_is_exact(records):
+    kw = dict(seed=5, video_batch_size=3, process_index=0, process_count=1)
+    straight = _take(TrainBatches(records, **kw), 20)
+    first = TrainBatches(records, **kw)
+    _take(first, 10)
+    state = json.loads(json.dumps(first.get_state()))  # survives a JSON round trip (orbax JsonSave)
+    assert state["grain"]["next_index"] == 10
+    del first
+    resumed = TrainBatches(records, **kw)
+    resumed.set_state(state)
+    _same(straight[10:], _take(resumed, 10))
+    # random access agrees with iteration; another seed gives another order
+    _same(straight[13:14], [resumed.batch(13)])
+    other = _take(TrainBatches(records, **{**kw, "seed": 6}), 20)
+    assert any(not np.array_equal(a["latents"], b["latents"]) for a, b in zip(straight, other))
+    with pytest.raises(ValueError, match="seed"):
+        TrainBatches(records, **{**kw, "seed": 6}).set_state(state)
+
+
+def test_epochs_visit_every_record_once(records):
+    it = TrainBatches(records, seed=1, video_batch_size=2, process_index=0, process_count=1)
+    p = it.planner
+    for key in p.available:
+        n = p.num_local[key]
+        steps = [s for s in range(200) if p.bucket(s) == key]
+        seq = [i for s in steps for i in p.plan(s)[1]]
+        assert len(seq) >= 2 * n
+        assert sorted(seq[:n]) == list(range(n)) and sorted(seq[n : 2 * n]) == list(range(n))
+        assert seq[:n] != seq[n : 2 * n]  # reshuffled each epoch
+
+
+def test_host_sharding(records):
+    kw = dict(seed=2, video_batch_size=4, batch_multiple=2, process_count=2)
+    h0 = TrainBatches(records, process_index=0, **kw)
+    h1 = TrainBatches(records, process_index=1, **kw)
+    single = TrainBatches(records, seed=2, video_batch_size=4, batch_multiple=2, process_index=0, process_count=1)
+    seen = {0: {}, 1: {}}
+    for s in range(30):
+        (k0, i0), (k1, i1) = h0.planner.plan(s), h1.planner.plan(s)
+        # every host draws the same bucket, the one bucket_for_step gives
+        assert k0 == k1 == single.planner.bucket(s)
+        assert k0 == bk.bucket_for_step(2, s, list(h0.planner.weights), h0.planner.weights)
+        assert len(i0) == len(i1) == 2  # global 4 / 2 hosts
+        assert all(i % 2 == 0 for i in i0) and all(i % 2 == 1 for i in i1)  # disjoint shards
+        seen[0].setdefault(k0, set()).update(i0)
+        seen[1].setdefault(k1, set()).update(i1)
+    for k in seen[0]:
+        n = h0.planner.num_local[k]
+        assert seen[0][k] == set(range(0, 2 * n, 2)) and seen[1][k] == set(range(1, 2 * n, 2))
+    x = next(h1)
+    assert x["latents"].shape[0] == 2
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        TrainBatches(records, seed=0, process_index=0, process_count=2, batch_multiple=1)

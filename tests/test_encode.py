@@ -1,0 +1,170 @@
+"""The encode stage on real clips: records equal an independent recomputation; bad files are skipped and named."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from contentv_jax import encode as enc
+from contentv_jax import video
+from contentv_jax.text import TextEncoders, build_tiny_text_encoders
+from contentv_jax.train.buckets import Bucket
+
+from _standins import PoolingVAE  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
+
+SHAPE = dict(fps=8.0, max_frames=9, max_height=64, max_width=64)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny encoders: threads only contend on a shared 2-core machine
+    d = build_tiny_text_encoders(tmp_path_factory.mktemp("te") / "tiny", clip_dims=(16, 16), t5_dim=64)
+    return TextEncoders.from_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, shared_data, text):
+    """A data dir with 2 real clips, an image, and every kind of bad input; encoded once."""
+    src = shared_data / "videos"
+    data = tmp_path_factory.mktemp("data")
+    captions = {json.loads(line)["file"]: json.loads(line)["caption"] for line in (src / "captions.jsonl").open()}
+    real = ["intel_person_walking_8s.mp4", "intel_cars_parking_lot_8s.mp4"]
+    for f in real:
+        shutil.copy(src / f, data / f)
+    (data / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    (data / "empty.mp4").write_bytes(b"")
+    whole = (src / "intel_bottle_hand_6s.mp4").read_bytes()
+    (data / "truncated.mp4").write_bytes(whole[: len(whole) * 9 // 10])  # the head decodes; the tail is gone
+    video.write_video(data / "short.mp4", np.zeros((5, 32, 32, 3), np.uint8), 8)  # 5 frames < one 9-frame clip
+    video.write_video(data / "uncaptioned.mp4", np.zeros((9, 32, 32, 3), np.uint8), 8)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(data / "square.png")
+    lines = [{"file": f, "caption": captions[f]} for f in real] + [
+        {"file": "corrupt.mp4", "caption": "corrupt"},
+        {"file": "empty.mp4", "caption": "empty"},
+        {"file": "truncated.mp4", "caption": "truncated"},
+        {"file": "short.mp4", "caption": "too short"},
+        {"file": "gone.mp4", "caption": "missing file"},
+        {"file": "square.png", "caption": "random noise image"},
+    ]
+    with open(data / "captions.jsonl", "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+        f.write("{not json\n")
+    out = tmp_path_factory.mktemp("records")
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("contentv_jax.encode").addHandler(handler)
+    try:
+        stats = enc.encode_dataset(data, out, PoolingVAE(), text, max_sequence_length=16, progress=False, **SHAPE)
+    finally:
+        logging.getLogger("contentv_jax.encode").removeHandler(handler)
+    stats.warnings = warnings
+    return data, out, stats, captions
+
+
+def test_bad_inputs_skipped_and_named(encoded, capsys):
+    _, out, stats, _ = encoded
+    assert stats.skipped["unreadable"] == ["corrupt.mp4", "empty.mp4", "truncated.mp4"]
+    assert stats.skipped["too_short"] == ["short.mp4"]
+    assert stats.skipped["no_caption"] == ["uncaptioned.mp4"]
+    assert stats.skipped["missing_file"] == ["gone.mp4"]
+    assert stats.skipped["bad_caption_line"] == ["captions.jsonl:9"]
+    assert stats.num_skipped == 7 and stats.files_encoded == 3 and stats.files_seen == 8
+    summary = stats.summary()
+    assert len(stats.warnings) == 7  # one warning per skipped input, naming it
+    for files in stats.skipped.values():
+        for name in files:
+            assert sum(name in w for w in stats.warnings) == 1, (name, stats.warnings)
+    for name in ("corrupt.mp4", "empty.mp4", "truncated.mp4", "short.mp4", "uncaptioned.mp4", "gone.mp4"):
+        assert name in summary
+    # nothing half-written left in the output
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["index.json", "null_text.npz", "f1_h64_w64.array_record", "f9_h48_w80.array_record"]
+    )
+
+
+def test_records_match_independent_recomputation(encoded, text):
+    data, out, stats, captions = encoded
+    index = enc.read_index(out)
+    # expected clips: 8 fps clips of 9 frames, back to back, from each real clip's own frame rate
+    expected = {}
+    for f in ("intel_person_walking_8s.mp4", "intel_cars_parking_lot_8s.mp4"):
+        info = video.probe_video(data / f)
+        expected[f] = video.clip_frame_indices(info.num_frames, info.fps, 9, 8.0)
+    n_video = sum(len(v) for v in expected.values())
+    assert len(expected["intel_person_walking_8s.mp4"]) == 7  # 80 frames at 10 fps = 8 s -> 7 clips of 1.125 s
+    assert index["buckets"]["f9_h48_w80"]["num_records"] == n_video == stats.records_per_bucket["f9_h48_w80"]
+    assert index["buckets"]["f1_h64_w64"]["num_records"] == 1
+    assert index["buckets"]["f9_h48_w80"]["latent_shape"] == [3, 6, 10, 16]
+    assert index["text"] == {"max_sequence_length": 16, "context_dim": 64, "context_tokens": 93, "pooled_dim": 32}
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(out / "f9_h48_w80.array_record"))
+    recs = [enc.decode_record(b) for b in reader.read_all()]
+    reader.close()
+    assert [(r["meta"]["file"], r["meta"]["clip"]) for r in recs] == [
+        (f, i) for f in expected for i in range(len(expected[f]))
+    ]
+    vae = PoolingVAE()
+    for r in (recs[0], recs[5], recs[-1]):
+        f = r["meta"]["file"]
+        idx = expected[f][r["meta"]["clip"]]
+        assert r["meta"]["frame_indices"] == idx.tolist()
+        frames, _ = video.read_video(data / f)
+        x = video.resize_center_crop(frames[idx], 48, 80).astype(np.float32) / 127.5 - 1
+        ref = np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0]
+        assert r["latents"].shape == (3, 6, 10, 16) and r["latents"].dtype == np.float32
+        np.testing.assert_allclose(r["latents"], ref, rtol=1e-5, atol=1e-5)
+        e, p = text.encode([captions[f]], max_sequence_length=16)
+        np.testing.assert_allclose(r["prompt_embeds"], e[0], atol=1e-6)
+        np.testing.assert_allclose(r["pooled"], p[0], atol=1e-6)
+    # the null text is the empty prompt's encoding (caption dropout)
+    ne, npool = enc.load_null_text(out)
+    e, p = text.encode([""], max_sequence_length=16)
+    np.testing.assert_allclose(ne, e, atol=1e-6)
+    np.testing.assert_allclose(npool, p, atol=1e-6)
+
+
+def test_image_record_is_t1(encoded):
+    data, out, _, _ = encoded
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(out / "f1_h64_w64.array_record"))
+    (rec,) = [enc.decode_record(b) for b in reader.read_all()]
+    reader.close()
+    assert rec["meta"]["file"] == "square.png" and rec["latents"].shape == (1, 8, 8, 16)
+    img = np.asarray(Image.open(data / "square.png").convert("RGB"))[None]
+    x = video.resize_center_crop(img, 64, 64).astype(np.float32) / 127.5 - 1
+    vae = PoolingVAE()
+    np.testing.assert_allclose(rec["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-5)
+    assert Bucket.from_key("f1_h64_w64").is_image
+
+
+def test_cli(tmp_path, shared_data, text, monkeypatch):
+    """The CLI parses its flags into encode_dataset (the VAE path is resolved by load_vae: stubbed here)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shared_data / "videos" / "intel_person_walking_8s.mp4", data)
+    (data / "captions.jsonl").write_text(json.dumps({"file": "intel_person_walking_8s.mp4", "caption": "walk"}) + "\n")
+    (tmp_path / "vae").mkdir()
+    monkeypatch.setattr(enc, "_resolve_vae", lambda v: PoolingVAE())
+    monkeypatch.setattr(enc, "_resolve_text", lambda t: text)
+    stats = enc.main([
+        "--data", str(data), "--out", str(tmp_path / "out"), "--vae", str(tmp_path / "vae"),
+        "--text-encoders", str(tmp_path / "vae"), "--fps", "8", "--max-frames", "9", "--max-height", "64",
+        "--max-width", "64", "--max-clips-per-video", "2", "--max-sequence-length", "8", "--embeds-dtype", "float16",
+    ])
+    assert stats.records == 2 and stats.num_skipped == 0
+    index = enc.read_index(tmp_path / "out")
+    assert index["buckets"]["f9_h48_w80"]["num_records"] == 2 and index["text"]["context_tokens"] == 85
+    with pytest.raises(SystemExit):
+        enc.main(["--data", str(tmp_path / "nope"), "--out", "x", "--vae", "v", "--text-encoders", "t"])
+    with pytest.raises(FileNotFoundError, match="captions.jsonl"):
+        enc.encode_dataset(tmp_path / "vae", tmp_path / "o2", PoolingVAE(), text, progress=False)
