@@ -304,17 +304,22 @@ def denoise(
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
-def decode_latents(vae, latents: jax.Array | np.ndarray, *, tiling: bool = False, mesh: Mesh | None = None) -> np.ndarray:
-    """Normalised latents (B, T, h, w, 16) -> frames (B, 4(T - 1) + 1, 8h, 8w, 3), float32 in [0, 1].
+# diffusers' AutoencoderKLWan.enable_tiling() defaults: 256-pixel tiles every 192 pixels (64 blended).
+VAE_TILE_SIZE = (256, 256)
+VAE_TILE_STRIDE = (192, 192)
 
-    ``z = z_norm * std + mean`` (``vae.denormalize``), the Wan VAE decoder (chunked in time; spatially tiled
-    when ``tiling``), then ``clip(x / 2 + 0.5, 0, 1)`` as diffusers' ``VideoProcessor.postprocess_video``.
+
+def decode_latents(vae, latents: jax.Array | np.ndarray, *, tiling: bool = False) -> np.ndarray:
+    """Normalised latents (B, T, h, w, 16) -> frames (B, 4(T - 1) + 1, 8h, 8w, 3), float32 NumPy in [0, 1].
+
+    ``z = z_norm * std + mean`` (``vae.denormalize``), the Wan VAE decoder (``contentv_jax.models.vae``; chunked
+    in time with a causal cache; with ``tiling``, spatial tiles of :data:`VAE_TILE_SIZE` pixels every
+    :data:`VAE_TILE_STRIDE`, as diffusers' ``enable_tiling``), then ``clip(x / 2 + 0.5, 0, 1)`` as diffusers'
+    ``VideoProcessor.postprocess_video``. The VAE runs in float32, as in the official demo.
     """
     z = vae.denormalize(jnp.asarray(latents, jnp.float32))
-    if tiling:
-        video = vae.decode(z, tiling=True)
-    else:
-        video = vae.decode(z)
+    tiles = dict(tile_sample_size=VAE_TILE_SIZE, tile_sample_stride=VAE_TILE_STRIDE) if tiling else {}
+    video = vae.decode(z, **tiles)
     return np.asarray(jnp.clip(video.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
 
 
