@@ -39,7 +39,7 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     (data / "captions.jsonl").write_text(json.dumps({"file": CLIP, "caption": caption}) + "\n")
     # 9 frames at 1.5 fps: the 6 s clip gives exactly one training clip
     cfg = load_train_config(None, [
-        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=1000", "optimizer.lr=2e-3",
+        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=1500", "optimizer.lr=2e-3",
         "buckets.max_height=32", "buckets.max_width=32", "buckets.batch_video=4", "model.dtype=float32",
         "checkpoint.every=100000", "checkpoint.async_save=false", "logging.tensorboard=false",
         "logging.progress_bar=false", "mesh.fsdp=1",
