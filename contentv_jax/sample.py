@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-type", choices=("mp4", "frames", "latent"), default="mp4")
     p.add_argument("--latents", type=Path, help="initial noise .npy (B, T, H/8, W/8, C) instead of --seed")
     p.add_argument("--videos-per-prompt", type=int, default=1)
+    p.add_argument("--max-sequence-length", type=int, default=pl.MAX_SEQUENCE_LENGTH,
+                   help="T5 tokens (256 for ContentV; use what the model was trained with)")
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N lines of --prompts-file")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="transformer dtype (VAE: float32)")
     mem = p.add_argument_group("memory")
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if args.videos_per_prompt < 1:
             raise ValueError(f"--videos-per-prompt must be >= 1, got {args.videos_per_prompt}")
+        if args.max_sequence_length < 1:
+            raise ValueError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
         if args.fps <= 0:
             raise ValueError(f"--fps must be positive, got {args.fps}")
         need_text = args.prompt_embeds is None
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.shift, num_frames, args.height, args.width, args.steps, args.guidance_scale)
     opts = pl.SamplingOptions(
         num_frames=num_frames, height=args.height, width=args.width, num_steps=args.steps,
-        guidance_scale=args.guidance_scale, shift=args.shift,
+        guidance_scale=args.guidance_scale, shift=args.shift, max_sequence_length=args.max_sequence_length,
     )
     output_type = "latent" if args.output_type == "latent" else "frames"
     suffix = ".mp4" if args.output_type == "mp4" else ".npy"

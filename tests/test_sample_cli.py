@@ -72,13 +72,14 @@ def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
     noise = pl.initial_noise(5, pl.latent_shape(1, 9, 32, 48))
     want = pl.denoise(load_transformer(model_dir / "transformer"), noise, embeds, pl.flow.sampling_sigmas(2, 3.0), 6.0)
     np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max())
-    # the same through --prompt-embeds and --latents
+    # the same through --prompt-embeds and --latents, with the chunked (online-softmax) attention kernel
     np.savez(tmp_path / "e.npz", **{k: getattr(embeds, k) for k in pl.PromptEmbeds.KEYS})
     np.save(tmp_path / "noise.npy", noise)
     out2 = tmp_path / "latents2.npy"
     assert main(["--model", str(model_dir), "--prompt-embeds", str(tmp_path / "e.npz"), "--latents",
-                 str(tmp_path / "noise.npy"), "--steps", "2", "--output-type", "latent", "--out", str(out2), *SMALL]) == 0
-    np.testing.assert_allclose(np.load(out2), got, rtol=0, atol=1e-6 * np.abs(got).max())
+                 str(tmp_path / "noise.npy"), "--steps", "2", "--output-type", "latent", "--out", str(out2), "--chunked-attention",
+                 *SMALL]) == 0
+    np.testing.assert_allclose(np.load(out2), got, rtol=0, atol=1e-5 * np.abs(got).max())
 
 
 @pytest.mark.skipif(not HAVE_VAE, reason="the JAX VAE has not landed")
