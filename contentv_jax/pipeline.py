@@ -199,7 +199,7 @@ _ACTIVE_BAR: list = [None]  # the tqdm bar of the loop now running (one loop at 
 
 
 def _progress_callback(step) -> None:
-    # Absolute position: idempotent if a sharded computation calls back more than once per step.
+    # Absolute position, never backwards: callbacks may arrive out of order or once per device.
     bar = _ACTIVE_BAR[0]
     if bar is not None:
         bar.n = max(bar.n, int(step) + 1)
@@ -223,7 +223,7 @@ def _euler_loop(graphdef, state, latents, context, pooled, sigmas, guidance_scal
             velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
         x = x + (sigma_next - sigma) * velocity
         if progress:
-            jax.debug.callback(_progress_callback, i, ordered=True)
+            jax.debug.callback(_progress_callback, i)  # unordered: multi-device safe
         return x
 
     return jax.lax.fori_loop(0, num_steps, step, latents)

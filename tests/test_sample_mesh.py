@@ -27,7 +27,7 @@ def test_sequence_parallel_sampling_equals_single_device(tmp_path, monkeypatch):
     ref = single(embeds=embeds, latents=latents, options=opts, output_type="latent")
     mesh = create_mesh(MeshConfig(data=1, fsdp=1, sequence=4), devices=jax.devices()[:4])
     sharded = pl.ContentVPipeline.from_pretrained(model_dir, load_text_encoders=False, load_vae=False, mesh=mesh)
-    ours = sharded(embeds=embeds, latents=latents, options=opts, output_type="latent")
+    ours = sharded(embeds=embeds, latents=latents, options=opts, output_type="latent", progress=True)
     err = float(np.abs(ours - ref).max() / np.abs(ref).max())
     print(f"(1,1,4) mesh vs single device: max abs err / max abs = {err:.2e}")
     assert np.abs(ref - latents).max() > 0.5
