@@ -109,11 +109,11 @@ def model_from_tensors(config, tensors: Mapping[str, common.LazyTensor], *, dtyp
     dtype = jnp.dtype(dtype or jnp.float32)
     pure = _pure_state(config, tensors, what=what, dtype=dtype)
     graphdef, state = nnx.split(abstract_vae(config, dtype))
-    nnx.replace_by_pure_dict(state, jax_tree_asarray(pure))
+    nnx.replace_by_pure_dict(state, _tree_asarray(pure))
     return nnx.merge(graphdef, state)
 
 
-def jax_tree_asarray(tree):
+def _tree_asarray(tree):
     import jax
     import jax.numpy as jnp
 
@@ -158,16 +158,22 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
     config_dict = common.read_our_config(src)
     config = VAEConfig.from_diffusers(config_dict)
-    # Restore with the stored dtypes (metadata) so that bytes are kept as written.
+    # Restore in the stored dtypes (from Orbax metadata) so that bytes are kept as written.
     meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(src), common.STATE_DIR))
     meta_tree = getattr(meta, "item_metadata", meta)
+    stored = {}
+    for keypath, m in jax.tree.leaves_with_path(meta_tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+        stored[keys[:-1] if keys[-1] == "value" else keys] = m
     abstract = nnx.state(abstract_vae(config), nnx.Param)
-    stored = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
-        nnx.State(meta_tree).to_pure_dict() if not isinstance(meta_tree, dict) else meta_tree,
-        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"),
-    )
-    nnx.replace_by_pure_dict(abstract, _unwrap_values(stored))
+    for path, var in nnx.to_flat_state(abstract):
+        m = stored.get(tuple(str(p) for p in path))
+        if m is None or tuple(m.shape) != tuple(var.get_value().shape):
+            raise common.CheckpointError(
+                f"{src}: parameter {_torch_name(path)} ({'.'.join(map(str, path))}): expected shape "
+                f"{tuple(var.get_value().shape)}, found {None if m is None else tuple(m.shape)}"
+            )
+        var.set_value(jax.ShapeDtypeStruct(tuple(m.shape), m.dtype))
     state = common.load_checkpoint(src, abstract)
     names = name_map(config)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
@@ -177,12 +183,3 @@ def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var)
         tensors[name] = to_torch(path, arr)
     common.write_diffusers_dir(dst, config_dict, tensors, weights_name=WEIGHTS_NAME)
-
-
-def _unwrap_values(tree):
-    """Orbax metadata of an nnx.State nests leaves under ``{'value': ...}``; strip that level."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return tree["value"]
-        return {k: _unwrap_values(v) for k, v in tree.items()}
-    return tree

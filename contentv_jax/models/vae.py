@@ -28,6 +28,7 @@ latents ``(B, k + 1, H / 8, W / 8, z_dim)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -173,6 +174,11 @@ _CONV_NAMES_3D = ("conv_kernel", "conv_kernel", "conv_kernel", "conv_in", "conv_
 _CONV_NAMES_2D = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
 
 
+def _param(value: jax.Array, names: tuple[str, ...]) -> nnx.Param:
+    """A parameter carrying logical axis names; never sharded eagerly, so models build without a mesh."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
 class _Cache:
     """Trace-time bookkeeping of the causal feature cache (diffusers' ``feat_cache`` / ``feat_idx``).
 
@@ -218,10 +224,10 @@ class CausalConv3d(nnx.Module):
         self.stride = stride
         self.time_pad = 2 * padding[0]
         self.spatial_pad = ((padding[1], padding[1]), (padding[2], padding[2]))
-        self.kernel = nnx.Param(_init_conv(rngs, (*kernel, cin, cout), param_dtype), out_sharding=_CONV_NAMES_3D)
+        self.kernel = _param(_init_conv(rngs, (*kernel, cin, cout), param_dtype), _CONV_NAMES_3D)
         bound = 1.0 / math.sqrt(math.prod(kernel) * cin)
-        self.bias = nnx.Param(
-            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), out_sharding=("conv_out",)
+        self.bias = _param(
+            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), ("conv_out",)
         )
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -250,12 +256,12 @@ class Conv2d(nnx.Module):
     def __init__(self, cin, cout, kernel, stride=1, padding=0, *, rngs: nnx.Rngs, param_dtype):
         self.stride = (stride, stride)
         self.padding = ((padding, padding), (padding, padding))
-        self.kernel = nnx.Param(
-            _init_conv(rngs, (kernel, kernel, cin, cout), param_dtype), out_sharding=_CONV_NAMES_2D
+        self.kernel = _param(
+            _init_conv(rngs, (kernel, kernel, cin, cout), param_dtype), _CONV_NAMES_2D
         )
         bound = 1.0 / math.sqrt(kernel * kernel * cin)
-        self.bias = nnx.Param(
-            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), out_sharding=("conv_out",)
+        self.bias = _param(
+            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), ("conv_out",)
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -278,7 +284,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, param_dtype):
         self.scale = dim**0.5
-        self.gamma = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("conv_out",))
+        self.gamma = _param(jnp.ones((dim,), param_dtype), ("conv_out",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32) if x.dtype in (jnp.float16, jnp.bfloat16) else x
@@ -565,22 +571,35 @@ def _encode_impl(model: WanVAE, x: jax.Array) -> jax.Array:
     return model.quant_conv(moments)[0]
 
 
-def _decode_impl(model: WanVAE, z: jax.Array) -> jax.Array:
-    """post_quant_conv + chunked decoder (unclamped): z (B, 1 + k, h, w, z_dim) -> (B, 1 + 4k, 8h, 8w, 3)."""
+def _decode_impl(model: WanVAE, z: jax.Array, clamp: bool) -> jax.Array:
+    """post_quant_conv + chunked decoder: z (B, 1 + k, h, w, z_dim) -> (B, 1 + 4k, 8h, 8w, 3).
+
+    Each chunk's frames are written into the output buffer carried through the scan (in place), so
+    the only buffers that scale with the number of frames are the latents and the output itself.
+    """
     b, t = z.shape[:2]
+    ts = model.config.temporal_scale
     x = model.post_quant_conv(z)[0]
     cache = _Cache(None)
-    outs = [model.decoder(x[:, :1], cache)]
-    if t > 1:
+    first = model.decoder(x[:, :1], cache)
+    if clamp:
+        first = jnp.clip(first, -1.0, 1.0)
+    if t == 1:
+        return first
+    out = jnp.zeros((b, 1 + ts * (t - 1), *first.shape[2:]), first.dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, axis=1)
 
-        def step(carry, chunk):
-            cc = _Cache(carry)
-            y = model.decoder(chunk[:, None], cc)
-            return cc.new, y
+    def step(carry, i):
+        cache_in, out = carry
+        cc = _Cache(cache_in)
+        y = model.decoder(jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1), cc)
+        if clamp:
+            y = jnp.clip(y, -1.0, 1.0)
+        out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + ts * (i - 1), axis=1)
+        return (cc.new, out), None
 
-        _, ys = jax.lax.scan(step, cache.new, x[:, 1:].swapaxes(0, 1))  # (t-1, B, 4, H, W, 3)
-        outs.append(ys.swapaxes(0, 1).reshape(b, -1, *ys.shape[3:]))
-    return jnp.concatenate(outs, axis=1)
+    (_, out), _ = jax.lax.scan(step, (cache.new, out), jnp.arange(1, t))
+    return out
 
 
 @jax.jit
@@ -588,9 +607,9 @@ def _encode_jit(graphdef, state, x):
     return _encode_impl(nnx.merge(graphdef, state), x)
 
 
-@jax.jit
-def _decode_jit(graphdef, state, z):
-    return _decode_impl(nnx.merge(graphdef, state), z)
+@functools.partial(jax.jit, static_argnames="clamp")
+def _decode_jit(graphdef, state, z, clamp=True):
+    return _decode_impl(nnx.merge(graphdef, state), z, clamp)
 
 
 def _blend_tiles(rows, blend: tuple[int, int], stride: tuple[int, int], size: tuple[int, int]) -> jax.Array:
@@ -743,7 +762,7 @@ class WanVAE(nnx.Module):
         else:
             graphdef, state = nnx.split(self)
             out = _decode_jit(graphdef, state, z)
-        return jnp.clip(out, -1.0, 1.0)
+        return out
 
     def normalize(self, z: jax.Array) -> jax.Array:
         """``(z - latents_mean) / latents_std`` per channel; z ``(..., z_dim)``."""
@@ -799,12 +818,12 @@ class WanVAE(nnx.Module):
         for i in range(0, h, lat_stride[0]):
             rows.append(
                 [
-                    _decode_jit(graphdef, state, z[:, :, i : i + lat_size[0], j : j + lat_size[1]])
+                    _decode_jit(graphdef, state, z[:, :, i : i + lat_size[0], j : j + lat_size[1]], clamp=False)
                     for j in range(0, w, lat_stride[1])
                 ]
             )
         blend = (size[0] - stride[0], size[1] - stride[1])
-        return _blend_tiles(rows, blend, stride, (h * s, w * s))
+        return jnp.clip(_blend_tiles(rows, blend, stride, (h * s, w * s)), -1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
