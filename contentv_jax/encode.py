@@ -18,14 +18,17 @@ center-crop to the bucket; scale to ``[-1, 1]``; ``vae.encode(x (B, T, H, W, 3))
 through :class:`contentv_jax.text.TextEncoders` -> ``prompt_embeds (77 + L, Dctx)``, ``pooled (Dpool,)``.
 
 Output ``OUT/``:
-- ``<bucket key>.array_record``: one record per clip, bytes of an ``.npz`` (no pickle) holding
+- ``<bucket key>.array_record`` (``<bucket key>.shard-SSSSS-of-NNNNN.array_record`` when sharded over
+  several encode jobs): one record per clip, bytes of an ``.npz`` (no pickle) holding
   ``latents`` float32 (T', h, w, C), ``prompt_embeds`` (77 + L, Dctx), ``pooled`` (Dpool,) (float32, or
   float16 with ``embeds_dtype="float16"``) and ``meta`` (JSON: file, caption, clip, frame indices,
   bucket); read with :func:`decode_record`;
 - ``null_text.npz``: the empty prompt's ``prompt_embeds (1, 77 + L, Dctx)``, ``pooled (1, Dpool)``
   (caption dropout for CFG);
 - ``index.json`` (written last): buckets (key, frames, height, width, latent shape, record count,
-  file), text widths, fps, the config and the stats. :func:`read_index` loads it.
+  record files in order), text widths, fps, the config and the stats. :func:`read_index` loads it.
+  Sharded encodes (``--num-shards N --shard-index I``, e.g. one per machine) each write
+  ``index.shard-I-of-N.json``; the last to finish merges them (:func:`merge_shards`).
 
 Every file goes through a temporary sibling and ``os.replace``. Bad input never ends a run: an
 unreadable, truncated or zero-byte video, a video shorter than one clip, a file without a caption, a
@@ -42,6 +45,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +57,6 @@ from contentv_jax.video import (
     VideoReadError,
     clip_frame_indices,
     probe_video,
-    read_frames,
     resize_center_crop,
 )
 
@@ -64,6 +67,7 @@ __all__ = [
     "decode_record",
     "read_index",
     "load_null_text",
+    "merge_shards",
     "INDEX_NAME",
     "NULL_TEXT_NAME",
     "main",
@@ -73,7 +77,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 NULL_TEXT_NAME = "null_text.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bucket entries list "files" (encode shards)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
@@ -143,10 +147,15 @@ def read_index(records_dir: str | os.PathLike) -> dict[str, Any]:
     for an unknown format version."""
     p = Path(records_dir) / INDEX_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no index; encode the data first (python -m contentv_jax.encode)")
+        shards = sorted(x.name for x in Path(records_dir).glob("index.shard-*.json"))
+        hint = f" (shard indexes present: {', '.join(shards)}; some shards have not finished)" if shards else ""
+        raise FileNotFoundError(f"{p}: no index; encode the data first (python -m contentv_jax.encode){hint}")
     index = json.loads(p.read_text())
     if index.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{p}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{p}: format_version {index.get('format_version')!r}, expected {FORMAT_VERSION}: "
+            "re-encode the data (python -m contentv_jax.encode)"
+        )
     return index
 
 
@@ -166,7 +175,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------------------------
 # inputs
 
-def _read_captions(data_dir: Path, stats: EncodeStats) -> list[tuple[str, str]]:
+def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool = True) -> list[tuple[str, str]]:
     path = data_dir / "captions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions.jsonl in the data directory (lines of {{\"file\", \"caption\"}})")
@@ -180,7 +189,8 @@ def _read_captions(data_dir: Path, stats: EncodeStats) -> list[tuple[str, str]]:
             if not isinstance(file, str) or not isinstance(caption, str):
                 raise TypeError("file and caption must be strings")
         except (ValueError, KeyError, TypeError) as e:
-            _skip(stats, "bad_caption_line", f"{path.name}:{n}", f"malformed line ({e})")
+            if report_uncaptioned:
+                _skip(stats, "bad_caption_line", f"{path.name}:{n}", f"malformed line ({e})")
             continue
         if file in seen:
             log.warning("%s:%d: %s already captioned; the first caption is kept", path.name, n, file)
@@ -192,8 +202,9 @@ def _read_captions(data_dir: Path, stats: EncodeStats) -> list[tuple[str, str]]:
         for p in data_dir.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     }
-    for file in sorted(media - seen):
-        _skip(stats, "no_caption", file, "no caption in captions.jsonl")
+    if report_uncaptioned:
+        for file in sorted(media - seen):
+            _skip(stats, "no_caption", file, "no caption in captions.jsonl")
     return items
 
 
@@ -210,6 +221,38 @@ def _read_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"))[None]
     except Exception as e:
         raise VideoReadError(f"image {str(path)!r}: cannot decode ({type(e).__name__}: {e})") from e
+
+
+def _iter_clips(path: Path, index_lists: list[np.ndarray], height: int, width: int):
+    """Yield each clip of ``index_lists`` resized + cropped to ``(height, width)``, decoding ``path`` once.
+
+    Only the clips in progress are held (as resized frames), never the whole decoded video.
+    Raises VideoReadError when the file ends before the last requested frame.
+    """
+    from contentv_jax.video import iter_video_frames
+
+    where: dict[int, list[tuple[int, int]]] = {}
+    for c, idx in enumerate(index_lists):
+        for j, i in enumerate(idx.tolist()):
+            where.setdefault(i, []).append((c, j))
+    pending: dict[int, np.ndarray] = {}
+    last = [int(idx.max()) for idx in index_lists]
+    nxt = 0
+    n = 0
+    for i, frame in enumerate(iter_video_frames(path)):
+        n = i + 1
+        if i in where:
+            small = resize_center_crop(frame[None], height, width)[0]
+            for c, j in where[i]:
+                if c not in pending:
+                    pending[c] = np.empty((len(index_lists[c]), height, width, 3), np.uint8)
+                pending[c][j] = small
+        while nxt < len(index_lists) and last[nxt] <= i:
+            yield pending.pop(nxt)
+            nxt += 1
+        if nxt == len(index_lists):
+            return
+    raise VideoReadError(f"video {str(path)!r}: frame {last[nxt]} requested but only {n} frames decode (truncated?)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +309,8 @@ def encode_dataset(
     vae_batch_size: int = 1,
     seed: int = 0,
     progress: bool = True,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> EncodeStats:
     """Encode ``data_dir`` (videos/images + ``captions.jsonl``) into bucketed records under ``out_dir``.
 
@@ -277,9 +322,14 @@ def encode_dataset(
       max_frames, max_height, max_width: the stage's maximum shape (buckets: :func:`make_buckets`).
       max_clips_per_video: clips cut per video (default: every back-to-back clip that fits).
       max_sequence_length: T5 tokens (256 for ContentV).
-      latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed`` and the record number).
+      latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed``, the file name and
+        the clip number: the same with any sharding).
       embeds_dtype: storage of text embeddings, ``"float32"`` or ``"float16"`` (read back as float32).
       vae_batch_size: clips per VAE call (same bucket only).
+      num_shards, shard_index: encode only the caption lines ``i`` with ``i % num_shards ==
+        shard_index`` (one process or machine per shard, same ``out_dir``); each shard writes its own
+        record files and ``index.shard-SSSSS-of-NNNNN.json``; the shard that finds all shard indexes
+        present writes the merged ``index.json`` (:func:`merge_shards` does it explicitly).
 
     Returns :class:`EncodeStats`; the summary is also printed. Raises FileNotFoundError when
     ``captions.jsonl`` is missing, ValueError for a bad option; bad files are skipped, never raised.
@@ -288,6 +338,8 @@ def encode_dataset(
 
     from array_record.python.array_record_module import ArrayRecordWriter
 
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index {shard_index} not in [0, num_shards={num_shards})")
     if latent_mode not in ("mode", "sample"):
         raise ValueError(f"latent_mode must be 'mode' or 'sample', got {latent_mode!r}")
     if embeds_dtype not in ("float32", "float16"):
@@ -295,12 +347,19 @@ def encode_dataset(
     t0 = time.time()
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     buckets = make_buckets(max_frames, max_height, max_width, fps=fps, images=True, videos=max_frames > 1)
+    image_buckets = [b for b in buckets if b.is_image]
+    video_buckets = [b for b in buckets if not b.is_image]
     stats = EncodeStats()
-    items = _read_captions(data_dir, stats)
+    items = _read_captions(data_dir, stats, report_uncaptioned=shard_index == 0)
+    items = items[shard_index::num_shards]
+    suffix = "" if num_shards == 1 else f".shard-{shard_index:05d}-of-{num_shards:05d}"
     vae = _resolve_vae(vae)
     text = _resolve_text(text_encoders)
     vae_fn = _make_vae_fn(vae, latent_mode)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # a directory being (re-)encoded has no index: readers never pair old files with new ones
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    (out_dir / f"index{suffix}.json").unlink(missing_ok=True)
     edtype = np.float16 if embeds_dtype == "float16" else np.float32
 
     writers: dict[str, tuple[Any, Path, Path]] = {}
@@ -309,8 +368,8 @@ def encode_dataset(
 
     def writer_for(b: Bucket):
         if b.key not in writers:
-            final = out_dir / f"{b.key}.array_record"
-            tmp = out_dir / f".{b.key}.array_record.tmp"
+            final = out_dir / f"{b.key}{suffix}.array_record"
+            tmp = out_dir / f".{b.key}{suffix}.array_record.tmp"
             writers[b.key] = (ArrayRecordWriter(str(tmp), "group_size:1"), tmp, final)
             bucket_of[b.key] = b
         return writers[b.key][0]
@@ -332,58 +391,63 @@ def encode_dataset(
             try:
                 if path.suffix.lower() in IMAGE_EXTENSIONS:
                     img = _read_image(path)
-                    bucket = assign_bucket(buckets, img.shape[1], img.shape[2], 1, 1.0)
-                    clips = [resize_center_crop(img, bucket.height, bucket.width)]
-                    starts = [[0]]
+                    bucket = assign_bucket(image_buckets, img.shape[1], img.shape[2], 1, 1.0)
+                    index_lists = [np.zeros(1, np.int64)]
+                    clips = iter([resize_center_crop(img, bucket.height, bucket.width)])
                 else:
                     info = probe_video(path, exact=True)  # demux only; detects truncation
-                    bucket = assign_bucket(
-                        [b for b in buckets if not b.is_image], info.height, info.width, info.num_frames, info.fps, fps
-                    )
-                    if bucket is None:
-                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps is shorter "
-                              f"than the shortest clip at {fps:g} fps")
-                        continue
-                    index_lists = clip_frame_indices(
+                    if video_buckets:
+                        bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
+                    else:  # an image-only stage (max_frames = 1): frames of videos are images
+                        bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
+                    index_lists = [] if bucket is None else clip_frame_indices(
                         info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
                     )
                     if not index_lists:
-                        _skip(stats, "too_short", file, f"no {bucket.frames}-frame clip fits")
+                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
+                              f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
+                              f"at {fps:g} fps")
                         continue
-                    frames = read_frames(path, np.concatenate(index_lists))
-                    frames = resize_center_crop(frames, bucket.height, bucket.width)
-                    clips = np.split(frames, len(index_lists))
-                    starts = [ix.tolist() for ix in index_lists]
+                    clips = _iter_clips(path, index_lists, bucket.height, bucket.width)
+                embeds, pooled = None, None
+                latents = []  # a file's records are written only once all of its clips encoded
+                for c0 in range(0, len(index_lists), vae_batch_size):
+                    chunk = [next(clips) for _ in range(min(vae_batch_size, len(index_lists) - c0))]
+                    x = np.stack(chunk).astype(np.float32) / 127.5 - 1.0
+                    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(file.encode())), c0)
+                    lat = np.asarray(jax.device_get(vae_fn(x, key)), dtype=np.float32)
+                    if lat.ndim != 5 or lat.shape[0] != len(chunk):
+                        raise ValueError(f"VAE returned latents of shape {lat.shape}; expected ({len(chunk)}, T', h, w, C)")
+                    latents.extend(lat)
             except VideoReadError as e:
                 _skip(stats, "unreadable", file, str(e))
                 continue
 
             embeds, pooled = text.encode([caption], max_sequence_length=max_sequence_length)
             w = writer_for(bucket)
-            for c0 in range(0, len(clips), vae_batch_size):
-                chunk = np.stack(clips[c0 : c0 + vae_batch_size]).astype(np.float32) / 127.5 - 1.0
-                key = jax.random.fold_in(jax.random.key(seed), stats.records)
-                lat = np.asarray(jax.device_get(vae_fn(chunk, key)), dtype=np.float32)
-                if lat.ndim != 5:
-                    raise ValueError(f"VAE returned latents of shape {lat.shape}; expected (B, T', h, w, C)")
-                latent_channels = lat.shape[-1]
-                for j, z in enumerate(lat):
-                    meta = {
-                        "file": file,
-                        "caption": caption,
-                        "clip": c0 + j,
-                        "frame_indices": starts[c0 + j],
-                        "bucket": bucket.key,
-                    }
-                    w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
-                    stats.records += 1
-                    stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
+            latent_channels = latents[0].shape[-1]
+            for j, z in enumerate(latents):
+                meta = {
+                    "file": file,
+                    "caption": caption,
+                    "clip": j,
+                    "frame_indices": index_lists[j].tolist(),
+                    "bucket": bucket.key,
+                }
+                w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
+                stats.records += 1
+                stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
             stats.files_encoded += 1
+    except BaseException:
+        for w, tmp, _ in writers.values():
+            w.close()
+            tmp.unlink(missing_ok=True)
+        raise
     finally:
         if bar is not None:
             bar.close()
-        for w, _, _ in writers.values():
-            w.close()
+    for w, _, _ in writers.values():
+        w.close()
 
     # everything written: move files into place, then the index last
     for w, tmp, final in writers.values():
@@ -413,15 +477,66 @@ def encode_dataset(
                 "aspect": b.aspect,
                 "latent_shape": list(b.latent_shape(latent_channels or 16)),
                 "num_records": stats.records_per_bucket[k],
-                "file": f"{k}.array_record",
+                "files": [f"{k}{suffix}.array_record"],
+                "file_records": [stats.records_per_bucket[k]],
             }
             for k, b in sorted(bucket_of.items())
         },
+        "shard": [shard_index, num_shards],
         "stats": dataclasses.asdict(stats),
     }
-    _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=1).encode())
+    if num_shards == 1:
+        _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=1).encode())
+    else:
+        _atomic_write_bytes(out_dir / f"index{suffix}.json", json.dumps(index, indent=1).encode())
+        if all((out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json").is_file() for i in range(num_shards)):
+            merge_shards(out_dir, num_shards)
     print(stats.summary())
     return stats
+
+
+def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+    """Merge the ``num_shards`` shard indexes of ``out_dir`` into ``index.json`` (idempotent).
+
+    Bucket entries list the shards' record files in shard order; counts and skip lists are summed.
+    Raises FileNotFoundError naming the missing shard indexes, ValueError when shards disagree on
+    fps, max shape, text widths or latent mode.
+    """
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json" for i in range(num_shards)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: shard indexes missing: {', '.join(missing)} (those shards did not finish)")
+    shards = [json.loads(p.read_text()) for p in paths]
+    same = ("format_version", "fps", "max_shape", "latent_mode", "text")
+    for k in same:
+        if any(sh[k] != shards[0][k] for sh in shards):
+            raise ValueError(f"{out_dir}: shard indexes disagree on {k!r}: {[sh[k] for sh in shards]}")
+    merged = {k: shards[0][k] for k in same}
+    merged["latent_channels"] = next((sh["latent_channels"] for sh in shards if sh["latent_channels"]), None)
+    buckets: dict[str, dict] = {}
+    for sh in shards:
+        for k, e in sh["buckets"].items():
+            if k not in buckets:
+                buckets[k] = {**e, "files": [], "file_records": [], "num_records": 0}
+            buckets[k]["files"] += e["files"]
+            buckets[k]["file_records"] += e["file_records"]
+            buckets[k]["num_records"] += e["num_records"]
+    merged["buckets"] = dict(sorted(buckets.items()))
+    merged["shard"] = [0, 1]
+    stats = EncodeStats()
+    for sh in shards:
+        st = sh["stats"]
+        for f in ("files_seen", "files_encoded", "records"):
+            setattr(stats, f, getattr(stats, f) + st[f])
+        stats.seconds = max(stats.seconds, st["seconds"])
+        for k, n in st["records_per_bucket"].items():
+            stats.records_per_bucket[k] = stats.records_per_bucket.get(k, 0) + n
+        for reason, files in st["skipped"].items():
+            stats.skipped.setdefault(reason, []).extend(files)
+    merged["stats"] = dataclasses.asdict(stats)
+    _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(merged, indent=1).encode())
+    return merged
 
 
 def main(argv: Sequence[str] | None = None) -> EncodeStats:
@@ -440,6 +555,8 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
     p.add_argument("--embeds-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--vae-batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-shards", type=int, default=1, help="split the caption lines over this many encode jobs")
+    p.add_argument("--shard-index", type=int, default=0, help="this job's shard (0-based)")
     a = p.parse_args(argv)
     for name in ("data", "vae", "text_encoders"):
         if not Path(getattr(a, name)).exists():
@@ -448,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
         a.data, a.out, a.vae, a.text_encoders, fps=a.fps, max_frames=a.max_frames, max_height=a.max_height,
         max_width=a.max_width, max_clips_per_video=a.max_clips_per_video,
         max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
-        vae_batch_size=a.vae_batch_size, seed=a.seed,
+        vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
     )
 
 

@@ -244,7 +244,7 @@ def write_video(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mp4", dir=path.parent)
     os.close(fd)
     try:
-        with av.open(tmp, mode="w", format="mp4") as container:
+        with av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             rate = Fraction(fps).limit_denominator(1001)
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"

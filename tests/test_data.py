@@ -186,3 +186,37 @@ def test_host_sharding(records):
     assert x["latents"].shape[0] == 2
     with pytest.raises(ValueError, match="multiple of process_count"):
         TrainBatches(records, seed=0, process_index=0, process_count=2, batch_multiple=1)
+
+
+def test_sharded_encode_reads_as_one(records, tmp_path):
+    """Two encode jobs (shards) into one directory: the merged index covers the same clips, and the
+    pipeline reads the shards' files as one sequence."""
+    from contentv_jax.encode import decode_record, read_index
+
+    text = TextEncoders.from_pretrained(records.parent / "te")
+    data = records.parent / "data"
+    kw = dict(fps=8, max_frames=9, max_height=64, max_width=64, max_sequence_length=8, progress=False, num_shards=3)
+    out = tmp_path / "sharded"
+    for i in (2, 1):
+        encode_dataset(data, out, PoolingVAE(), text, shard_index=i, **kw)
+    with pytest.raises(FileNotFoundError, match="index.shard-00001-of-00003.json"):
+        read_index(out)  # shard 0 has not finished: no merged index yet
+    encode_dataset(data, out, PoolingVAE(), text, shard_index=0, **kw)
+    merged, single = read_index(out), read_index(records)
+    for k, e in single["buckets"].items():
+        assert merged["buckets"][k]["num_records"] == e["num_records"]
+        # 8 videos of alternating sizes, round robin over 3 shards: every shard holds both buckets
+        assert merged["buckets"][k]["files"] == [f"{k}.shard-0000{i}-of-00003.array_record" for i in range(3)]
+    assert merged["stats"]["records"] == single["stats"]["records"]
+    a = TrainBatches(records, seed=0, video_batch_size=2, process_index=0, process_count=1)
+    b = TrainBatches(out, seed=0, video_batch_size=2, process_index=0, process_count=1)
+
+    def clips(it):
+        return sorted(
+            (json.dumps(r["meta"], sort_keys=True), r["latents"].tobytes())
+            for src in it._sources.values() for r in map(decode_record, src)
+        )
+
+    assert clips(a) == clips(b)
+    x = next(b)
+    assert x["latents"].shape[0] == 2

@@ -168,3 +168,73 @@ def test_cli(tmp_path, shared_data, text, monkeypatch):
         enc.main(["--data", str(tmp_path / "nope"), "--out", "x", "--vae", "v", "--text-encoders", "t"])
     with pytest.raises(FileNotFoundError, match="captions.jsonl"):
         enc.encode_dataset(tmp_path / "vae", tmp_path / "o2", PoolingVAE(), text, progress=False)
+
+
+def test_image_stage_batching_and_reencode(tmp_path, text):
+    """max_frames=1 (VAE adaptation): video frames become T=1 records; vae_batch_size does not change
+    records; re-encoding a directory replaces it."""
+    from contentv_jax.train.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_videos=2, num_frames=24, fps=8, sizes=((64, 64),))
+    kw = dict(max_height=64, max_width=64, max_sequence_length=8, progress=False)
+    s1 = enc.encode_dataset(data, tmp_path / "img", PoolingVAE(), text, fps=2, max_frames=1, max_clips_per_video=3, **kw)
+    assert s1.records_per_bucket == {"f1_h64_w64": 6} and s1.num_skipped == 0
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    def read(d, key):
+        r = ArrayRecordReader(str(d / f"{key}.array_record"))
+        out = [enc.decode_record(b) for b in r.read_all()]
+        r.close()
+        return out
+
+    recs = read(tmp_path / "img", "f1_h64_w64")
+    assert [r["meta"]["frame_indices"] for r in recs[:3]] == [[0], [4], [8]]  # 8 fps source sampled at 2 fps
+    frames, _ = video.read_video(data / "video_000.mp4")
+    vae = PoolingVAE()
+    x = frames[[4]].astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(recs[1]["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-5)
+
+    a = enc.encode_dataset(data, tmp_path / "v", PoolingVAE(), text, fps=8, max_frames=9, vae_batch_size=1, **kw)
+    b = enc.encode_dataset(data, tmp_path / "v2", PoolingVAE(), text, fps=8, max_frames=9, vae_batch_size=2, **kw)
+    assert a.records == b.records == 4
+    for ra, rb in zip(read(tmp_path / "v", "f9_h64_w64"), read(tmp_path / "v2", "f9_h64_w64")):
+        np.testing.assert_allclose(ra["latents"], rb["latents"], atol=1e-6)
+        assert ra["meta"] == rb["meta"]
+    # re-encode into an existing directory with another shape: the index describes the new records only
+    enc.encode_dataset(data, tmp_path / "v", PoolingVAE(), text, fps=8, max_frames=1, max_clips_per_video=1, **kw)
+    index = enc.read_index(tmp_path / "v")
+    assert list(index["buckets"]) == ["f1_h64_w64"] and index["max_shape"] == [1, 64, 64]
+
+
+@pytest.mark.slow
+def test_wan_vae_records_match_diffusers(tmp_path, shared_data, text):
+    """Our Wan VAE through load_vae (a diffusers-format directory): the records' latents equal diffusers'
+    AutoencoderKLWan ``encode(x).latent_dist.mode()``, normalised with the config's mean/std."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    ref = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True]).eval()
+    ref.save_pretrained(tmp_path / "vae")
+    data = tmp_path / "data"
+    data.mkdir()
+    f = "intel_person_walking_8s.mp4"
+    shutil.copy(shared_data / "videos" / f, data / f)
+    (data / "captions.jsonl").write_text(json.dumps({"file": f, "caption": "a walk"}) + "\n")
+    stats = enc.encode_dataset(data, tmp_path / "out", str(tmp_path / "vae"), text, max_clips_per_video=1,
+                               max_sequence_length=8, progress=False, **SHAPE)
+    assert stats.records == 1
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(tmp_path / "out" / "f9_h48_w80.array_record"))
+    (rec,) = [enc.decode_record(b) for b in reader.read_all()]
+    reader.close()
+    frames, _ = video.read_video(data / f)
+    x = video.resize_center_crop(frames[rec["meta"]["frame_indices"]], 48, 80).astype(np.float32) / 127.5 - 1
+    with torch.no_grad():
+        z = ref.encode(torch.from_numpy(x).permute(3, 0, 1, 2)[None]).latent_dist.mode()
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(ref.config.latents_std).view(1, -1, 1, 1, 1)
+    want = ((z - mean) / std)[0].permute(1, 2, 3, 0).numpy()
+    assert rec["latents"].shape == want.shape == (3, 6, 10, 16)
+    np.testing.assert_allclose(rec["latents"], want, rtol=0, atol=1e-5 * np.abs(want).max())

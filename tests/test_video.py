@@ -32,7 +32,9 @@ def test_write_read_roundtrip_float_and_uint8(tmp_path):
     # the container is H.264 yuv420p, readable by PyAV directly
     with av.open(str(p)) as c:
         s = c.streams.video[0]
-        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p"
+        assert s.codec_context.name == "h264" and s.codec_context.pix_fmt == "yuv420p" and s.frames == 9
+    data = p.read_bytes()
+    assert 0 < data.find(b"moov") < data.find(b"mdat")  # faststart: playable while streaming
     u8 = (frames * 255).round().astype(np.uint8)
     video.write_video(tmp_path / "b.mp4", u8, 24)
     info = video.probe_video(tmp_path / "b.mp4", exact=True)

@@ -1,6 +1,6 @@
 """The training data pipeline on grain: one bucket per step, per-host shards, exact resumable state.
 
-Reads the records of :mod:`contentv_jax.encode` (``index.json`` + one ArrayRecord file per bucket)::
+Reads the records of :mod:`contentv_jax.encode` (``index.json`` + ArrayRecord files per bucket)::
 
     batches = TrainBatches(records_dir, seed=0, video_batch_size=8, image_batch_size=16,
                            batch_multiple=mesh_batch_size)
@@ -18,9 +18,11 @@ host and after any restart):
 1. bucket: :func:`contentv_jax.train.buckets.bucket_for_step(seed, step, available, weights)`;
    weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
    mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
-2. records: this host's shard of the bucket (records ``i`` with ``i % process_count ==
-   process_index``, the same count on every host), visited in a fresh permutation per epoch
-   (``numpy.random.default_rng([seed, crc32(key), epoch])``); the batch takes the next
+2. records: this host's shard of the bucket (records ``i = j * process_count + process_index`` for
+   ``j < num_records // process_count``: every host has the same count, and up to
+   ``process_count - 1`` records of a bucket are unused, see :meth:`TrainBatches.summary`), visited
+   in a fresh permutation per epoch (``numpy.random.default_rng([seed, crc32(key), epoch])``);
+   the batch takes the next
    ``local batch`` positions of that stream, where the position is the number of earlier steps
    that drew the bucket times the local batch;
 3. batch sizes: the global batch of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
@@ -209,15 +211,16 @@ class TrainBatches:
             num_records, local_batch, seed=self.seed, process_index=process_index,
             process_count=process_count, weights=weights,
         )
-        self._sources = {
-            k: grain.MapDataset.source(
-                grain.sources.ArrayRecordDataSource([str(self.records_dir / entries[k]["file"])])
-            )
-            for k in self.planner.available
-        }
-        for k, src in self._sources.items():
-            if len(src) != num_records[k]:
-                raise ValueError(f"{self.records_dir / entries[k]['file']}: {len(src)} records, index says {num_records[k]}")
+        self._sources = {}
+        for k in self.planner.available:
+            paths = [str(self.records_dir / f) for f in entries[k]["files"]]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"record files of bucket {k} missing: {', '.join(missing)}")
+            # several files (encode shards) read as one sequence, in the index's order
+            self._sources[k] = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+            if len(self._sources[k]) != num_records[k]:
+                raise ValueError(f"{paths}: {len(self._sources[k])} records, index says {num_records[k]}")
         self.dataset = grain.MapDataset.range(0, _NUM_STEPS).map(self.batch)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
@@ -266,6 +269,19 @@ class TrainBatches:
             "bucket": key,
             "step": int(step),
         }
+
+    def summary(self) -> str:
+        """One line per bucket: records, records used per host, global batch, draw probability."""
+        p = self.planner
+        tot = sum(p.weights.values())
+        lines = [f"data {self.records_dir}: {len(p.available)} buckets, host {self.process_index}/{self.process_count}"]
+        for k in p.available:
+            n = self._fingerprint["num_records"][k]
+            lines.append(
+                f"  {k}: {n} records ({p.num_local[k]} per host, {n - p.num_local[k] * self.process_count} unused), "
+                f"batch {self.buckets[k].batch_size}, p={p.weights[k] / tot:.3f}"
+            )
+        return "\n".join(lines)
 
     def null_text(self) -> tuple[np.ndarray, np.ndarray]:
         """The empty prompt's ``(prompt_embeds (1, L, Dctx), pooled (1, Dpool))`` for caption dropout."""
