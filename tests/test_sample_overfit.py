@@ -52,7 +52,8 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     run = tmp_path / "run"
     index = read_index(run / "encoded")
     (entry,) = index["buckets"].values()
-    (record,) = grain.sources.ArrayRecordDataSource([str(run / "encoded" / entry["file"])])
+    files = entry["files"] if "files" in entry else [entry["file"]]  # record format 2 / 1
+    (record,) = grain.sources.ArrayRecordDataSource([str(run / "encoded" / f) for f in files])
     clip_latents = decode_record(record)["latents"]  # (T, h, w, C), normalised
 
     # A model directory of what the run wrote: the exported transformer (our checkpoint format) and the text
