@@ -136,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
         if args.fps <= 0:
             raise ValueError(f"--fps must be positive, got {args.fps}")
+        kernel = args.attention_kernel or ("chunked" if args.chunked_attention else None)
+        if kernel is not None:
+            from contentv_jax.models.attention import KERNELS
+
+            if kernel not in KERNELS:
+                raise ValueError(f"--attention-kernel {kernel!r} is not one of {KERNELS}")
         need_text = args.prompt_embeds is None
         pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent")
         dims = pl.transformer_dims(Path(args.model) / "transformer")
@@ -168,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
         mesh = create_mesh(mesh_cfg)
         logger.info("mesh %s", dict(mesh.shape))
-    kernel = args.attention_kernel or ("chunked" if args.chunked_attention else None)
     pipe = pl.ContentVPipeline.from_pretrained(
         args.model,
         load_text_encoders=need_text,

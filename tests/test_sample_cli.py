@@ -53,6 +53,8 @@ def test_bad_input_is_refused_before_any_compute(fake_dir, tmp_path, capsys):
     assert main(["--model", str(fake_dir), "--prompt-embeds", str(tmp_path / "e.npz"), "--latents",
                  str(tmp_path / "noise.npy"), *SMALL]) == 2
     assert "must have shape (1, 3, 4, 6, 16)" in capsys.readouterr().err
+    assert main(["--model", str(fake_dir), "--prompt", "a cat", "--attention-kernel", "flash3"]) == 2
+    assert "--attention-kernel 'flash3' is not one of" in capsys.readouterr().err
     assert main(["--model", str(fake_dir), "--prompt", "a cat", "mesh.pipeline=2"]) == 2
     assert "unknown config key 'mesh.pipeline'" in capsys.readouterr().err
 
