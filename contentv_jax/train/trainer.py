@@ -11,6 +11,12 @@ The step (report section 5, reference doc section 4; diffusers' SD3 training rec
 AdamW with warmup and global-norm clipping on float32 master weights, compute in ``model.dtype``.
 Noise, sigma and dropout draws come from ``fold_in(key(seed), step)`` as global arrays, so every
 sequence shard sees the same draws and a resumed run repeats them exactly.
+
+Multi-host (``--coordinator/--num-processes/--process-id``): every process plans the same global batch
+per step and loads only the rows its devices hold (:meth:`Trainer.host_rows`), so the losses do not
+depend on the process count. Process 0 alone builds the tiny encoders and VAE, encodes the data,
+writes the config, logs, summary and exported config; the others wait at the same points (a failure
+on process 0 stops them). Checkpoints are written by all processes through Orbax.
 """
 
 from __future__ import annotations
