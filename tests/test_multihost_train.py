@@ -1,7 +1,8 @@
 """``python -m contentv_jax.train`` in two processes (gloo, 4 CPU devices each) on the (2, 2, 2) mesh logs
 the losses one process with 8 simulated devices logs (issue 4, acceptance 3).
 
-The synthetic data is encoded once here (in-process, through the trainer's own prepare stage); then the
+The synthetic data is encoded once here (in-process, through the trainer's own prepare stage, with a
+tiny VAE checkpoint whose random weights are drawn with numpy: no per-layer init compiles); then the
 8-device reference and the two processes of the distributed run start together, all reading that cache
 (``data.cache_dir``), so both runs train on the same records. Kept lean: a 3-step tiny run on 4 short
 clips, and the three processes overlap their start-up and compiles.
@@ -34,6 +35,29 @@ ARGS = [
 ]
 
 
+def _tiny_vae_checkpoint(dst: Path) -> Path:
+    """The tiny Wan VAE in our checkpoint format (as the trainer writes it), fan-in scaled normal kernels."""
+    from flax import nnx
+
+    from contentv_jax.models.vae import abstract_vae, get_config
+    from converters.common import save_checkpoint
+
+    config = get_config("tiny")
+    state = nnx.state(abstract_vae(config), nnx.Param)
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path)
+        if "'gamma'" in name:
+            return np.ones(x.shape, np.float32)
+        if "'bias'" in name:
+            return np.zeros(x.shape, np.float32)
+        return (rng.standard_normal(x.shape) / np.sqrt(np.prod(x.shape[:-1]))).astype(np.float32)
+
+    save_checkpoint(dst, jax.tree.map_with_path(draw, state), config.to_diffusers())
+    return dst
+
+
 def _spawn(run_dir: Path, devices: int, extra: list[str]) -> subprocess.Popen:
     env = os.environ | {
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -62,10 +86,9 @@ def _saved_arrays(path: Path) -> list[np.ndarray]:
 @pytest.mark.slow
 def test_train_cli_two_processes_log_the_single_process_losses(tmp_path):
     base = tmp_path / "base"
-    Trainer(
-        load_train_config(None, ARGS + [f"run_dir={base}", "mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"]),
-        devices=jax.devices()[:1],
-    ).prepare()
+    vae = _tiny_vae_checkpoint(tmp_path / "vae")
+    over = [f"run_dir={base}", f"vae.path={vae}", "mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"]
+    Trainer(load_train_config(None, ARGS + over), devices=jax.devices()[:1]).prepare()
     cache = [f"data.cache_dir={base / 'encoded'}"]
 
     with socket.socket() as s:
