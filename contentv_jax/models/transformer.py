@@ -15,9 +15,8 @@ Mirrors ContentV's PyTorch model (``torch_npu_backend/transformer.py``; github `
 - output: ``AdaLayerNormContinuous`` (scale, then shift), ``Linear(width -> p*p*C)``, unpatchify.
 
 The first ``num_layers - 1`` blocks are identical: they are created stacked with ``nnx.vmap`` (leading
-logical axis ``layers``) and run with ``nnx.scan``, each step under ``nnx.remat`` (``jax.checkpoint``)
-with a named policy (:data:`REMAT_POLICIES`). The
-last block is a separate module (``final_block``).
+logical axis ``layers``) and run with ``jax.lax.scan`` over their split state, each step under
+``jax.checkpoint`` with a named remat policy (:data:`REMAT_POLICIES`). The last block is a separate module (``final_block``).
 
 Parameters live in ``param_dtype``; matmuls run in ``dtype``; layer-norm / RMS-norm statistics and the
 sinusoids are computed in float32 (softmax statistics: see ``attention.py``).
@@ -505,22 +504,24 @@ class MMDiT(nnx.Module):
             raise ValueError(f"pooled must be ({b}, {cfg.pooled_projection_dim}), got {pooled.shape}")
 
     def _run_blocks(self, x, c, temb, img_valid=None):
-        """The stacked blocks: ``nnx.scan`` over the ``layers`` axis, each step under ``nnx.remat``
-        (``jax.checkpoint``) with the configured policy."""
+        """The stacked blocks: ``jax.lax.scan`` over the ``layers`` axis of their state, each step under
+        ``jax.checkpoint`` with the configured remat policy.
+
+        A plain JAX scan over ``nnx.split`` state (rather than ``nnx.scan``) so that the model also runs
+        inside other loops (the sampler's compiled ``fori_loop``), where flax's transforms reject
+        graph nodes from an outer trace level."""
         if self.transformer_blocks is None:
             return x, c
+        graphdef, state = nnx.split(self.transformer_blocks)
 
-        def step(block, x, c, temb):
-            return block(x, c, temb, img_valid)
+        def step(carry, layer_state):
+            block = nnx.merge(graphdef, layer_state)
+            return block(carry[0], carry[1], temb, img_valid), None
 
         if self.cfg.remat_policy != "none":
-            step = nnx.remat(step, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
-
-        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def run(block, carry, temb):
-            return step(block, carry[0], carry[1], temb)
-
-        return run(self.transformer_blocks, (x, c), temb)
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
+        (x, c), _ = jax.lax.scan(step, (x, c), state)
+        return x, c
 
     def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
         self._check_inputs(latents, timestep, context, pooled)
