@@ -156,7 +156,7 @@ def test_epochs_visit_every_record_once(records):
     it = TrainBatches(records, seed=1, video_batch_size=2, process_index=0, process_count=1)
     p = it.planner
     for key in p.available:
-        n = p.num_local[key]
+        n = p.num_records[key]
         steps = [s for s in range(200) if p.bucket(s) == key]
         seq = [i for s in steps for i in p.plan(s)[1]]
         assert len(seq) >= 2 * n
@@ -165,27 +165,48 @@ def test_epochs_visit_every_record_once(records):
 
 
 def test_host_sharding(records):
+    """Hosts plan the single-host batch of every step and each loads only its rows: the hosts' rows
+    together are exactly the single-host batch, no row is loaded twice, and the iterator state is the
+    same for any host count (a checkpoint written by process 0 resumes every host)."""
     kw = dict(seed=2, video_batch_size=4, batch_multiple=2, process_count=2)
+    single = TrainBatches(records, seed=2, video_batch_size=4, batch_multiple=2, process_index=0, process_count=1)
     h0 = TrainBatches(records, process_index=0, **kw)
     h1 = TrainBatches(records, process_index=1, **kw)
-    single = TrainBatches(records, seed=2, video_batch_size=4, batch_multiple=2, process_index=0, process_count=1)
-    seen = {0: {}, 1: {}}
-    for s in range(30):
-        (k0, i0), (k1, i1) = h0.planner.plan(s), h1.planner.plan(s)
-        # every host draws the same bucket, the one bucket_for_step gives
-        assert k0 == k1 == single.planner.bucket(s)
-        assert k0 == bk.bucket_for_step(2, s, list(h0.planner.weights), h0.planner.weights)
-        assert len(i0) == len(i1) == 2  # global 4 / 2 hosts
-        assert all(i % 2 == 0 for i in i0) and all(i % 2 == 1 for i in i1)  # disjoint shards
-        seen[0].setdefault(k0, set()).update(i0)
-        seen[1].setdefault(k1, set()).update(i1)
-    for k in seen[0]:
-        n = h0.planner.num_local[k]
-        assert seen[0][k] == set(range(0, 2 * n, 2)) and seen[1][k] == set(range(1, 2 * n, 2))
-    x = next(h1)
-    assert x["latents"].shape[0] == 2
+    # rows as a mesh may lay them out (host 1's devices hold the first half), and four hosts
+    r0 = TrainBatches(records, process_index=0, host_rows=lambda b: slice(b // 2, b), **kw)
+    r1 = TrainBatches(records, process_index=1, host_rows=lambda b: slice(0, b // 2), **kw)
+    quads = [TrainBatches(records, seed=2, video_batch_size=4, batch_multiple=4, process_index=i, process_count=4)
+             for i in range(4)]
+    assert h0.rows == {k: slice(0, 2) for k in h0.planner.available}
+    assert h1.rows == {k: slice(2, 4) for k in h1.planner.available}
+    for s in range(12):
+        one = single.batch(s)
+        # every host draws the same bucket, the one bucket_for_step gives, and plans the same records
+        key = single.planner.bucket(s)
+        assert key == bk.bucket_for_step(2, s, list(single.planner.weights), single.planner.weights)
+        assert h0.planner.plan(s) == h1.planner.plan(s) == single.planner.plan(s)
+        for hosts in ((h0, h1), (r1, r0), quads):
+            parts = [h.batch(s) for h in hosts]
+            assert all(x["bucket"] == key and x["global_batch_size"] == 4 for x in parts)
+            assert [x["latents"].shape[0] for x in parts] == [4 // len(hosts)] * len(hosts)
+            for k in ("latents", "prompt_embeds", "pooled"):
+                np.testing.assert_array_equal(np.concatenate([x[k] for x in parts]), one[k])
+            # disjoint, covering row blocks
+            rows = sorted((h.rows[key].start, h.rows[key].stop) for h in hosts)
+            assert rows[0][0] == 0 and rows[-1][1] == 4 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    # the iterator state does not depend on the host layout: host 1 resumes from host 0's state
+    _take(h0, 3)
+    h1.set_state(json.loads(json.dumps(h0.get_state())))
+    np.testing.assert_array_equal(
+        np.concatenate([next(h0)["latents"], next(h1)["latents"]]), single.batch(3)["latents"]
+    )
     with pytest.raises(ValueError, match="multiple of process_count"):
         TrainBatches(records, seed=0, process_index=0, process_count=2, batch_multiple=1)
+    with pytest.raises(ValueError, match="host_rows"):
+        TrainBatches(records, seed=0, video_batch_size=4, process_index=0, process_count=1,
+                     host_rows=lambda b: slice(2, b + 1))
+    with pytest.raises(ValueError, match="host_rows"):
+        TrainBatches(records, seed=0, video_batch_size=4, process_index=0, process_count=1, host_rows=lambda b: [0, 1])
 
 
 def test_sharded_encode_reads_as_one(records, tmp_path):

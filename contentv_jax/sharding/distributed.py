@@ -113,16 +113,33 @@ def local_batch_slice(global_batch_size: int, mesh: Mesh, spec: PartitionSpec) -
     return slice(start, stop)
 
 
-def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec) -> Any:
+def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec, *, global_batch_size: int | None = None) -> Any:
     """Assemble per-process batch rows into global ``jax.Array``s laid out by ``spec`` on ``mesh``.
 
     Args:
       local: a pytree of host arrays, each holding this process's rows (:func:`local_batch_slice`) of
         the global batch along dimension 0 and the full extent of every other dimension.
       spec: the layout of dimension 0 (and others); e.g. ``P(('data', 'fsdp'))``.
+      global_batch_size: rows of the global batch; default: inferred by JAX from the local rows and
+        the sharding (exact for an even split over processes).
     Returns:
-      the same pytree of global arrays (global dimension 0 = sum over processes).
+      the same pytree of global arrays (global dimension 0 = ``global_batch_size``).
+    Raises:
+      ValueError: a local array whose rows are not this process's share of ``global_batch_size``.
     """
     sharding = NamedSharding(mesh, spec)
 
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+    def one(x):
+        x = np.asarray(x)
+        shape = None
+        if global_batch_size is not None:
+            want = local_batch_slice(global_batch_size, mesh, spec)
+            if x.shape[0] != want.stop - want.start:
+                raise ValueError(
+                    f"global_batch: this process holds rows {want.start}:{want.stop} of a global batch of "
+                    f"{global_batch_size}, got a local array of {x.shape[0]} rows"
+                )
+            shape = (global_batch_size, *x.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(one, local)

@@ -1,38 +1,41 @@
-"""The training data pipeline on grain: one bucket per step, per-host shards, exact resumable state.
+"""The training data pipeline on grain: one bucket per step, one global batch per step, exact resumable state.
 
 Reads the records of :mod:`contentv_jax.encode` (``index.json`` + ArrayRecord files per bucket)::
 
     batches = TrainBatches(records_dir, seed=0, video_batch_size=8, image_batch_size=16,
-                           batch_multiple=mesh_batch_size)
+                           batch_multiple=mesh_batch_size, host_rows=rows_of_this_host)
     for batch in batches:          # or next(batches)
-        batch["latents"]           # float32 (B, T', h, w, C) normalised latents
-        batch["prompt_embeds"]     # float32 (B, 77 + L, Dctx)
-        batch["pooled"]            # float32 (B, Dpool)
+        batch["latents"]           # float32 (b, T', h, w, C) normalised latents: this host's rows
+        batch["prompt_embeds"]     # float32 (b, 77 + L, Dctx)
+        batch["pooled"]            # float32 (b, Dpool)
         batch["bucket"]            # str key, e.g. "f9_h48_w80"; batch["step"]: int
+        batch["global_batch_size"] # int B: the rows of the step's global batch (b of them are here)
     state = batches.get_state()    # JSON-able dict: save it with the checkpoint (orbax JsonSave)
     batches.set_state(state)       # resume: the next batch is exactly the one that would have come
 
-How a step's batch is chosen (a pure function of ``(seed, step)`` and the index, so identical on every
-host and after any restart):
+How a step's batch is chosen (a pure function of ``(seed, step)`` and the index: identical on every
+host, for any number of hosts, and after any restart):
 
 1. bucket: :func:`contentv_jax.train.buckets.bucket_for_step(seed, step, available, weights)`;
    weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
    mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
-2. records: this host's shard of the bucket (records ``i = j * process_count + process_index`` for
-   ``j < num_records // process_count``: every host has the same count, and up to
-   ``process_count - 1`` records of a bucket are unused, see :meth:`TrainBatches.summary`), visited
-   in a fresh permutation per epoch (``numpy.random.default_rng([seed, crc32(key), epoch])``);
-   the batch takes the next
-   ``local batch`` positions of that stream, where the position is the number of earlier steps
-   that drew the bucket times the local batch;
-3. batch sizes: the global batch of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
+2. records: the bucket's records are visited in a fresh permutation per epoch
+   (``numpy.random.default_rng([seed, crc32(key), epoch])``); the step's global batch takes the next
+   ``B`` positions of that stream, where the position is the number of earlier steps that drew the
+   bucket times ``B``;
+3. batch sizes: the global batch ``B`` of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
    (tokens per batch kept about constant; ``video_batch_size`` at the stage's largest video shape);
-   each host yields ``global // process_count`` samples.
+4. hosts: each host loads only its rows ``host_rows(B)`` of the global batch (by default the
+   ``process_index``-th of ``process_count`` equal contiguous blocks; the trainer passes the rows its
+   devices hold under the mesh, :func:`contentv_jax.sharding.distributed.local_batch_slice`), so the
+   hosts' rows together are exactly the single-host batch, and no row is loaded by two hosts unless the
+   mesh replicates the batch across them.
 
 The steps form a ``grain.MapDataset`` (random access by step), iterated with
 ``to_iter_dataset(grain.ReadOptions(num_threads, prefetch_buffer_size))``: grain prefetches in threads
 and its iterator state (``next_index`` = the next step) is what :meth:`TrainBatches.get_state` saves,
-with a fingerprint (seed, shards, record counts) that :meth:`set_state` checks.
+with a fingerprint (seed, record counts, batch sizes, weights) that :meth:`set_state` checks. The state
+does not depend on the host layout: a checkpoint resumes on another number of hosts.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,34 +59,41 @@ _PREFIX_EVERY = 1024
 
 
 class StepPlanner:
-    """``plan(step) -> (bucket key, global record indices for this host)``, a pure function of the step.
+    """``plan(step) -> (bucket key, record indices of the step's global batch)``, a pure function of the step.
 
-    Keeps prefix counts of bucket draws every 1024 steps so that ``plan`` at step ``s`` costs at most
-    1024 draws after the first call (thread-safe).
+    The plan does not depend on the host layout (hosts take their rows of it). Keeps prefix counts of
+    bucket draws every 1024 steps so that ``plan`` at step ``s`` costs at most 1024 draws after the
+    first call (thread-safe).
+
+    Args:
+      num_records: records per bucket key.
+      batch_size: global batch per bucket key.
+      seed: the shared data seed.
+      weights: draw weight per bucket key; buckets with no record or zero weight are never drawn.
+    Raises:
+      ValueError: when no bucket has a record and a non-zero weight.
     """
 
     def __init__(
         self,
         num_records: Mapping[str, int],
-        local_batch: Mapping[str, int],
+        batch_size: Mapping[str, int],
         *,
         seed: int,
-        process_index: int,
-        process_count: int,
         weights: Mapping[str, float],
     ):
-        self.seed, self.process_index, self.process_count = seed, process_index, process_count
-        self.num_local = {k: n // process_count for k, n in num_records.items()}
-        self.available = sorted(k for k, n in self.num_local.items() if n > 0 and weights.get(k, 0) > 0)
+        self.seed = seed
+        self.num_records = {k: int(n) for k, n in num_records.items()}
+        self.available = sorted(k for k, n in self.num_records.items() if n > 0 and weights.get(k, 0) > 0)
         if not self.available:
             raise ValueError(
-                f"no bucket has a record for each of {process_count} hosts with non-zero weight "
+                f"no bucket has a record and a non-zero weight "
                 f"(records per bucket: {dict(num_records)}, weights: {dict(weights)})"
             )
         self.weights = {k: float(weights[k]) for k in self.available}
         p = np.array([self.weights[k] for k in self.available])
         self._cdf = np.cumsum(p / p.sum())  # bucket_for_step's distribution, computed once
-        self.local_batch = dict(local_batch)
+        self.batch_size = dict(batch_size)
         self._prefix: list[dict[str, int]] = [dict.fromkeys(self.available, 0)]  # counts before step i*1024
         self._lock = threading.Lock()
         self._perms: dict[tuple[str, int], np.ndarray] = {}
@@ -114,7 +124,7 @@ class StepPlanner:
             p = self._perms.get((key, epoch))
             if p is None:
                 rng = np.random.default_rng([self.seed, zlib.crc32(key.encode()), epoch])
-                p = rng.permutation(self.num_local[key])
+                p = rng.permutation(self.num_records[key])
                 if len(self._perms) > 64:
                     self._perms.clear()
                 self._perms[(key, epoch)] = p
@@ -122,18 +132,14 @@ class StepPlanner:
 
     def plan(self, step: int) -> tuple[str, list[int]]:
         key = self.bucket(step)
-        b = self.local_batch[key]
-        n = self.num_local[key]
+        b = self.batch_size[key]
+        n = self.num_records[key]
         start = self.draws_before(step)[key] * b
-        out = []
-        for pos in range(start, start + b):
-            local = int(self._perm(key, pos // n)[pos % n])
-            out.append(local * self.process_count + self.process_index)
-        return key, out
+        return key, [int(self._perm(key, pos // n)[pos % n]) for pos in range(start, start + b)]
 
 
 class TrainBatches:
-    """Bucketed, host-sharded, resumable batches of encoded records (see the module docstring).
+    """Bucketed, resumable batches of encoded records, each host loading its rows (see the module docstring).
 
     Args:
       records_dir: an output directory of :func:`contentv_jax.encode.encode_dataset`.
@@ -144,13 +150,16 @@ class TrainBatches:
         be a multiple of ``process_count``.
       process_index / process_count: this host and the host count (default ``jax.process_index()``
         / ``jax.process_count()``).
+      host_rows: ``host_rows(B) -> slice``: the rows ``[start, stop)`` of a global batch of ``B`` rows
+        that this host loads (e.g. ``lambda B: local_batch_slice(B, mesh, spec)``); default: the
+        ``process_index``-th of ``process_count`` equal contiguous blocks.
       bucket_weights: ``"records"`` (default), ``"uniform"`` or a mapping key -> weight.
       image_fraction: when set, image buckets get this share of the draws, video buckets the rest.
       kinds: ``"both"``, ``"video"`` or ``"image"``: the bucket kinds to draw from.
       num_threads, prefetch: grain's read threads and prefetch buffer (batches).
 
-    Raises FileNotFoundError for a directory without ``index.json``, ValueError for bad sizes or when no
-    bucket has records for every host.
+    Raises FileNotFoundError for a directory without ``index.json``, ValueError for bad sizes, when no
+    bucket has a record, or when ``host_rows`` gives an empty or out-of-range row block.
     """
 
     def __init__(
@@ -163,6 +172,7 @@ class TrainBatches:
         batch_multiple: int = 1,
         process_index: int | None = None,
         process_count: int | None = None,
+        host_rows: Callable[[int], slice] | None = None,
         bucket_weights: str | Mapping[str, float] = "records",
         image_fraction: float | None = None,
         kinds: str = "both",
@@ -181,7 +191,7 @@ class TrainBatches:
         if batch_multiple % process_count:
             raise ValueError(
                 f"batch_multiple {batch_multiple} must be a multiple of process_count {process_count} "
-                "(every host yields global_batch / process_count samples)"
+                "(by default each host loads global_batch / process_count rows)"
             )
         if kinds not in ("both", "video", "image"):
             raise ValueError(f"kinds must be 'both', 'video' or 'image', got {kinds!r}")
@@ -206,11 +216,12 @@ class TrainBatches:
         self.buckets: dict[str, Bucket] = {k: table[k] for k in keep}
         num_records = {k: int(entries[k]["num_records"]) for k in keep}
         weights = self._weights(bucket_weights, image_fraction, num_records)
-        local_batch = {k: b.batch_size // process_count for k, b in self.buckets.items()}
         self.planner = StepPlanner(
-            num_records, local_batch, seed=self.seed, process_index=process_index,
-            process_count=process_count, weights=weights,
+            num_records, {k: b.batch_size for k, b in self.buckets.items()}, seed=self.seed, weights=weights
         )
+        self._host_rows = host_rows or self._even_rows
+        # this host's rows of each bucket's global batch (checked once: host_rows must be a pure function)
+        self.rows = {k: self._check_rows(k, self.buckets[k].batch_size) for k in self.planner.available}
         self._sources = {}
         for k in self.planner.available:
             paths = [str(self.records_dir / f) for f in entries[k]["files"]]
@@ -226,12 +237,26 @@ class TrainBatches:
         self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
         self._fingerprint = {
             "seed": self.seed,
-            "process_index": process_index,
-            "process_count": process_count,
             "num_records": {k: num_records[k] for k in self.planner.available},
             "batch_sizes": {k: self.buckets[k].batch_size for k in self.planner.available},
             "weights": self.planner.weights,
         }
+
+    def _even_rows(self, global_batch_size: int) -> slice:
+        local = global_batch_size // self.process_count
+        return slice(self.process_index * local, (self.process_index + 1) * local)
+
+    def _check_rows(self, key: str, global_batch_size: int) -> slice:
+        rows = self._host_rows(global_batch_size)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"host_rows({global_batch_size}) must return a slice with step 1, got {rows!r}")
+        start, stop = rows.start or 0, global_batch_size if rows.stop is None else rows.stop
+        if not 0 <= start < stop <= global_batch_size:
+            raise ValueError(
+                f"host_rows({global_batch_size}) gave rows [{start}, {stop}) for bucket {key}: expected a "
+                f"non-empty block within [0, {global_batch_size})"
+            )
+        return slice(start, stop)
 
     @staticmethod
     def _weights(bucket_weights, image_fraction, num_records) -> dict[str, float]:
@@ -258,28 +283,29 @@ class TrainBatches:
 
     # -- random access ------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, Any]:
-        """The batch of ``step`` for this host (what the iterator yields at that step)."""
+        """This host's rows of the batch of ``step`` (what the iterator yields at that step)."""
         key, idx = self.planner.plan(int(step))
         src = self._sources[key]
-        recs = [decode_record(src[i]) for i in idx]
+        recs = [decode_record(src[i]) for i in idx[self.rows[key]]]
         return {
             "latents": np.stack([r["latents"] for r in recs]),
             "prompt_embeds": np.stack([r["prompt_embeds"] for r in recs]),
             "pooled": np.stack([r["pooled"] for r in recs]),
             "bucket": key,
             "step": int(step),
+            "global_batch_size": len(idx),
         }
 
     def summary(self) -> str:
-        """One line per bucket: records, records used per host, global batch, draw probability."""
+        """One line per bucket: records, global batch, this host's rows of it, draw probability."""
         p = self.planner
         tot = sum(p.weights.values())
         lines = [f"data {self.records_dir}: {len(p.available)} buckets, host {self.process_index}/{self.process_count}"]
         for k in p.available:
-            n = self._fingerprint["num_records"][k]
+            r = self.rows[k]
             lines.append(
-                f"  {k}: {n} records ({p.num_local[k]} per host, {n - p.num_local[k] * self.process_count} unused), "
-                f"batch {self.buckets[k].batch_size}, p={p.weights[k] / tot:.3f}"
+                f"  {k}: {p.num_records[k]} records, batch {self.buckets[k].batch_size} "
+                f"(this host rows {r.start}:{r.stop}), p={p.weights[k] / tot:.3f}"
             )
         return "\n".join(lines)
 
@@ -306,8 +332,8 @@ class TrainBatches:
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`get_state`'s dict; the next batch is the one that followed it.
 
-        Raises ValueError when the state was made with another seed, host layout, record counts,
-        batch sizes or weights (the data order would differ).
+        Raises ValueError when the state was made with another seed, record counts, batch sizes or
+        weights (the data order would differ). The host layout may differ.
         """
         if state.get("version") != 1:
             raise ValueError(f"data iterator state version {state.get('version')!r}, expected 1")

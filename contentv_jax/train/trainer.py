@@ -11,6 +11,12 @@ The step (report section 5, reference doc section 4; diffusers' SD3 training rec
 AdamW with warmup and global-norm clipping on float32 master weights, compute in ``model.dtype``.
 Noise, sigma and dropout draws come from ``fold_in(key(seed), step)`` as global arrays, so every
 sequence shard sees the same draws and a resumed run repeats them exactly.
+
+Multi-host (``--coordinator/--num-processes/--process-id``): every process plans the same global batch
+per step and loads only the rows its devices hold (:meth:`Trainer.host_rows`), so the losses do not
+depend on the process count. Process 0 alone builds the tiny encoders and VAE, encodes the data,
+writes the config, logs, summary and exported config; the others wait at the same points (a failure
+on process 0 stops them). Checkpoints are written by all processes through Orbax.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from contentv_jax.config import ConfigError, to_dict
 from contentv_jax.encode import read_index
 from contentv_jax.scheduler import sample_training_sigmas
-from contentv_jax.sharding.distributed import is_main_process
+from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice
 from contentv_jax.sharding.logical import activation_sharding
 from contentv_jax.sharding.mesh import create_mesh
 from contentv_jax.train import loss as fm
@@ -242,6 +248,8 @@ class Trainer:
         return nnx.merge(graphdef, state)
 
     def _text_encoders(self, model_config):
+        """``text.path`` loaded, or tiny random encoders sized for the model, saved to
+        ``<run_dir>/assets/text`` and reloaded. Called on the main process only (the encode stage)."""
         from contentv_jax.text import TextEncoders, build_tiny_text_encoders
 
         t = self.cfg.text
@@ -252,9 +260,8 @@ class Trainer:
             pool = model_config.pooled_projection_dim
             clip = (pool // 2, pool - pool // 2)
             dst = self.run_dir / "assets" / "text"
-            if self.main and not dst.exists():
+            if not dst.exists():
                 build_tiny_text_encoders(dst, clip_dims=clip, t5_dim=model_config.joint_attention_dim, seed=self.cfg.seed)
-            _sync("text")
             text = TextEncoders.from_pretrained(dst)
         for key, got, want in (
             ("text.path", text.context_dim, model_config.joint_attention_dim),
@@ -268,7 +275,8 @@ class Trainer:
 
     def _vae(self):
         """``vae.path`` loaded, or a tiny random VAE saved to ``<run_dir>/assets/vae`` (our checkpoint
-        format, as ``converters.from_diffusers --component vae`` writes) and reloaded with ``load_vae``."""
+        format, as ``converters.from_diffusers --component vae`` writes) and reloaded with ``load_vae``.
+        Called on the main process only (the encode stage)."""
         from converters.common import save_checkpoint
         from contentv_jax.models.vae import WanVAE, get_config, load_vae
 
@@ -276,19 +284,22 @@ class Trainer:
         if v.path:
             return load_vae(v.path)
         dst = self.run_dir / "assets" / "vae"
-        if self.main and not dst.exists():
+        if not dst.exists():
             try:
                 vcfg = get_config(v.name)
             except ValueError as e:
                 raise ConfigError(f"config key 'vae.name': {e}") from None
             vae = WanVAE(vcfg, rngs=nnx.Rngs(self.cfg.seed + 1))
             save_checkpoint(dst, nnx.state(vae, nnx.Param), vcfg.to_diffusers())
-        _sync("vae")
         return load_vae(dst)
 
     def _data(self):
         """Render the synthetic dataset (no ``data.dir``), then encode once into the cache (its
-        ``index.json`` is written last, so a present index means a complete encode)."""
+        ``index.json`` is written last, so a present index means a complete encode).
+
+        Only the main process builds the tiny encoders and VAE, renders and encodes while the others
+        wait; then every process reads the finished index (the cache must be on a file system all
+        hosts share). A failure on the main process stops every process."""
         from contentv_jax.encode import encode_dataset, read_index
         from contentv_jax.train.synthetic import make_synthetic_dataset
 
@@ -296,7 +307,8 @@ class Trainer:
         cache = self.cache_dir
         want = {"fps": d.fps, "max_shape": [b.max_frames, b.max_height, b.max_width], "max_sequence_length": self.cfg.text.max_length}
         data_dir = Path(d.dir) if d.dir else self.run_dir / "data"
-        if self.main:
+
+        def encode():
             have = None
             if (cache / "index.json").exists():
                 index = read_index(cache)
@@ -323,7 +335,8 @@ class Trainer:
                     max_width=b.max_width, max_sequence_length=self.cfg.text.max_length, seed=self.cfg.seed,
                     progress=self.cfg.logging.progress_bar,
                 )
-        _sync("encode")
+
+        _on_main_then_all("encode", encode if self.main else None)
         index = read_index(cache)
         self.encode_stats = index["stats"]
         if not index["stats"]["records"]:
@@ -365,13 +378,15 @@ class Trainer:
         }
         return graphdef, rest, template, state, state_sh, model_config
 
+    BATCH_SPEC = PartitionSpec(("data", "fsdp"))  # batch rows over (data, fsdp), replicated over sequence
+
     def _batch_sharding(self):
-        batch_axes = ("data", "fsdp")
-        return {
-            "latents": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
-            "prompt_embeds": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
-            "pooled": NamedSharding(self.mesh, PartitionSpec(batch_axes)),
-        }
+        sh = NamedSharding(self.mesh, self.BATCH_SPEC)
+        return {"latents": sh, "prompt_embeds": sh, "pooled": sh}
+
+    def host_rows(self, global_batch_size: int) -> slice:
+        """The rows of a global batch this process's devices hold (and so the rows its data loader reads)."""
+        return local_batch_slice(global_batch_size, self.mesh, self.BATCH_SPEC)
 
     def prepare(self):
         """Write the resolved config; unless the encoded cache is complete and matches: build or load the
@@ -399,6 +414,7 @@ class Trainer:
             video_batch_size=b.batch_video if b.videos else (b.batch_image or 1),
             image_batch_size=b.batch_image if b.images else None,
             batch_multiple=self.batch_multiple,
+            host_rows=self.host_rows,
             image_fraction=b.image_fraction if kinds == "both" else None,
             kinds=kinds,
             num_threads=self.cfg.data.num_threads,
@@ -440,21 +456,48 @@ class Trainer:
 
     def export(self, dst: Path) -> None:
         """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
-        ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``)."""
-        from converters.common import save_checkpoint
+        ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``).
+
+        With several processes every process writes its shards of ``state/`` into one shared temporary
+        directory, then process 0 adds ``config.json`` and renames it onto ``dst``."""
+        from converters import common
 
         weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
         state = jax.tree.map(lambda v: v, self.param_state)
         nnx.replace_by_pure_dict(state, weights)
-        model = nnx.merge(self.graphdef, state, self.rest)
-        save_checkpoint(dst, nnx.state(model), self.model_config.to_dict())
+        model_state = nnx.state(nnx.merge(self.graphdef, state, self.rest))
+        if jax.process_count() == 1:
+            common.save_checkpoint(dst, model_state, self.model_config.to_dict())
+            return
+        import shutil
+
+        import orbax.checkpoint as ocp
+
+        dst = Path(dst).absolute()
+        tmp = dst.with_name(f".{dst.name}.tmp-export")  # one name every process agrees on
+
+        def clear():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+        _on_main_then_all("export", clear if self.main else None)
+        with ocp.StandardCheckpointer() as ckptr:  # collective: each process writes its shards
+            ckptr.save(tmp / common.STATE_DIR, model_state)
+            ckptr.wait_until_finished()
+
+        def commit():
+            cfg = dict(self.model_config.to_dict(), _format=common.OUR_FORMAT)
+            (tmp / common.CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            common._commit_dir(tmp, dst)
+
+        _on_main_then_all("export commit", commit if self.main else None)
 
     def global_batch(self, local: dict) -> dict:
-        """Per-host numpy batch -> global jax arrays sharded over (data, fsdp)."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sh[k], np.asarray(local[k]))
-            for k in ("latents", "prompt_embeds", "pooled")
-        }
+        """This process's rows (:meth:`host_rows`; e.g. ``data_iter``'s batch) -> global jax arrays
+        sharded over (data, fsdp). With one process ``local`` is the whole batch."""
+        rows = local.get("global_batch_size")
+        arrays = {k: np.asarray(local[k]) for k in ("latents", "prompt_embeds", "pooled")}
+        return global_batch(arrays, self.mesh, self.BATCH_SPEC, global_batch_size=rows)
 
     def train_step(self, batch: dict):
         """Run one compiled step on a global batch; returns host metrics (a dict of floats)."""
@@ -541,11 +584,27 @@ class Trainer:
         return summary
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _on_main_then_all(name: str, fn) -> None:
+    """Run ``fn`` on the main process (``fn`` is None elsewhere) while the others wait, then continue
+    together. With several processes, process 0's outcome is broadcast: if ``fn`` raised, it re-raises
+    there and every other process raises RuntimeError instead of waiting forever at a barrier."""
+    if jax.process_count() == 1:
+        if fn is not None:
+            fn()
+        return
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"contentv_jax.train:{name}")
+    error = None
+    if fn is not None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"process 0 failed in the {name} stage (see its log); stopping this process too")
 
 
 def train(cfg: TrainConfig, *, devices=None) -> dict:
