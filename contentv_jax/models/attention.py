@@ -73,7 +73,8 @@ def dot_product_attention(
     raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
 
 
-def _pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
+def pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
+    """Zero-pad ``x`` along ``axis`` up to length ``to`` (no-op when already that long)."""
     if x.shape[axis] == to:
         return x
     pad = [(0, 0)] * x.ndim
@@ -175,8 +176,8 @@ def chunked_attention(
     valid = sk if kv_length is None else kv_length
     cq, ck = min(q_chunk, sq), min(kv_chunk, sk)
     sq_p, sk_p = -(-sq // cq) * cq, -(-sk // ck) * ck
-    qf = _pad_axis(q, 1, sq_p).astype(jnp.float32) * (1.0 / math.sqrt(d))
-    kf, vf = (_pad_axis(t, 1, sk_p).astype(jnp.float32) for t in (k, v))
+    qf = pad_axis(q, 1, sq_p).astype(jnp.float32) * (1.0 / math.sqrt(d))
+    kf, vf = (pad_axis(t, 1, sk_p).astype(jnp.float32) for t in (k, v))
     qc = qf.reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
     kc = kf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
     vc = vf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
@@ -210,8 +211,8 @@ def splash_attention(
     kern = sk_lib.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=jax.default_backend() != "tpu")
     seg = sk_lib.SegmentIds(q=jnp.ones((sq_p,), jnp.int32), kv=(jnp.arange(sk_p) < valid).astype(jnp.int32))
     # splash takes (N, S, D) per example and does not scale the logits
-    qt = (_pad_axis(q, 1, sq_p) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).transpose(0, 2, 1, 3)
-    kt, vt = (_pad_axis(t, 1, sk_p).transpose(0, 2, 1, 3) for t in (k, v))
+    qt = (pad_axis(q, 1, sq_p) * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).transpose(0, 2, 1, 3)
+    kt, vt = (pad_axis(t, 1, sk_p).transpose(0, 2, 1, 3) for t in (k, v))
     out = jax.vmap(functools.partial(kern, segment_ids=seg))(qt, kt, vt)
     return out.transpose(0, 2, 1, 3)[:, :sq].astype(q.dtype)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, active, spec_for
@@ -26,11 +25,9 @@ AXIS = "sequence"
 
 
 def _pad(x: jax.Array, axis: int, to: int) -> jax.Array:
-    if x.shape[axis] == to:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, to - x.shape[axis])
-    return jnp.pad(x, widths)
+    from contentv_jax.models.attention import pad_axis  # attention.py imports this module lazily
+
+    return pad_axis(x, axis, to)
 
 
 def batch_axes(mesh: Mesh, rules: LogicalRules, batch: int) -> tuple[str, ...]:
