@@ -194,7 +194,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"{'op':7s}{'frames':>7s} | {'jax s':>8s} {'torch s':>8s} {'speedup':>8s} | "
-          f"{'jax MiB':>8s} {'torch MiB':>9s} {'XLA temp':>9s}")  # fmt: skip
+          f"{'jax MiB':>8s} {'torch MiB':>9s} {'jax/torch':>9s} {'XLA temp':>9s}")  # fmt: skip
     rows = []
     for frames in args.frames:
         for op in ("encode", "decode"):
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
                 "jax_peak_mib": j and j["peak_growth_mib"],
                 "torch_peak_mib": t and t["peak_growth_mib"],
                 "jax_xla_temp_mib": j and j["xla_temp_mib"],
+                "peak_ratio_jax_torch": (j["peak_growth_mib"] / t["peak_growth_mib"]) if (j and t) else None,
+                "time_ratio_jax_torch": (j["median_s"] / t["median_s"]) if (j and t) else None,
             }
             rows.append(row)
 
