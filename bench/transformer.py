@@ -126,8 +126,29 @@ def main(argv=None) -> dict:
         "torch_train_step_s": torch_step,
         "jax_train_step_s": lambda: train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready(),
     }, args.repeats))
+    # Profile: the achieved FLOP rate of each side (closed-form matmul FLOPs of bench/scale_plan.py)
+    # against each library's own GEMM rate at the model's FFN shape (the largest matmul).
+    from bench.scale_plan import closed_form_flops
+
+    cf = closed_form_flops(jmodel.cfg, 320, 333, 1)
+    m, k, n = 320 + 333, jmodel.cfg.width, jmodel.cfg.ffn_dim
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    jdot = jax.jit(jnp.dot)
+    jdot(ja, jb).block_until_ready()
+    gemm = _side_by_side({"torch": lambda: torch.mm(ta, tb), "jax": lambda: jdot(ja, jb).block_until_ready()}, 20)
+    gemm_gflops = {kk: 2 * m * k * n / v / 1e9 for kk, v in gemm.items()}
+    rates = {
+        "forward_flops": cf["forward"], "train_step_flops": cf["model_train"],
+        "torch_forward_gflops": cf["forward"] / res["torch_forward_s"] / 1e9,
+        "jax_forward_gflops": cf["forward"] / res["jax_forward_s"] / 1e9,
+        "torch_train_step_gflops": cf["model_train"] / res["torch_train_step_s"] / 1e9,
+        "jax_train_step_gflops": cf["model_train"] / res["jax_train_step_s"] / 1e9,
+        "torch_gemm_gflops": gemm_gflops["torch"], "jax_gemm_gflops": gemm_gflops["jax"], "gemm_shape": [m, k, n],
+    }
     out = {
         "bench": "transformer",
+        "rates": rates,
         "config": {"layers": args.layers, "heads": 8, "head_dim": 64, "latents": [5, 16, 16, 16], "video_tokens": 320,
                    "context_tokens": 333, "batch": 1, "dtype": "float32"},
         "jax_device": str(jax.devices()[0].platform),
@@ -146,6 +167,11 @@ def main(argv=None) -> dict:
     for name, key, comp in (("forward", "forward", compile_fwd), ("train step", "train_step", compile_step)):
         t, j = res[f"torch_{key}_s"], res[f"jax_{key}_s"]
         print(f"{name:14s}{t:12.4f}{j:12.4f}{j / t:11.2f}{comp:18.2f}")
+    print(f"profile: matmul FLOPs (closed form) forward {cf['forward'] / 1e9:.1f} G, train step {cf['model_train'] / 1e9:.1f} G")
+    print(f"{'achieved GFLOP/s':18s}{'torch':>10s}{'jax':>10s}")
+    print(f"{'forward':18s}{rates['torch_forward_gflops']:10.1f}{rates['jax_forward_gflops']:10.1f}")
+    print(f"{'train step':18s}{rates['torch_train_step_gflops']:10.1f}{rates['jax_train_step_gflops']:10.1f}")
+    print(f"{'GEMM %dx%dx%d' % (m, k, n):18s}{gemm_gflops['torch']:10.1f}{gemm_gflops['jax']:10.1f}")
     print(json.dumps(out))
     return out
 

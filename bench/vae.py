@@ -218,7 +218,7 @@ def main(argv=None) -> int:
 
             print(f"{op:7s}{frames:>7d} | {f(row['jax_s'], '8.2f')} {f(row['torch_s'], '8.2f')} "
                   f"{f(row['speedup'], '8.2f')} | {f(row['jax_peak_mib'], '8.0f')} {f(row['torch_peak_mib'], '9.0f')} "
-                  f"{f(row['jax_xla_temp_mib'], '9.0f')}")  # fmt: skip
+                  f"{f(row['peak_ratio_jax_torch'], '9.2f')} {f(row['jax_xla_temp_mib'], '9.0f')}")  # fmt: skip
     summary = {"size": args.size, "rows": rows, "warmup": args.warmup, "repeats": args.repeats}
     if mem:
         lo, hi = min(mem), max(mem)
