@@ -1,18 +1,26 @@
 """The contentv-8b train step at the report's scale, compiled ahead of time on simulated CPU devices.
 
-For each resolution and (data, fsdp, sequence) split: the train step (bfloat16 compute, float32 params
-and AdamW state, full remat, Ulysses with the chunked attention kernel) is lowered from abstract
-shapes (nothing allocated) and compiled for the mesh; it reports per-device memory
-(``memory_analysis()``: arguments + outputs + temporaries, with the params and AdamW state donated),
-the compiler's FLOPs (``cost_analysis()``, per device), a closed-form FLOP count, and the step time at
-50 % MFU on TPU v5p, TPU v6e and the report's 320 TFLOP/s NPU.
+For each resolution and (data, fsdp, sequence) split, the train step is lowered from abstract
+shapes (nothing allocated) and compiled for the mesh. Settings: bfloat16 compute, float32 params
+and AdamW state, full remat, and Ulysses with the chunked attention kernel. For each run it
+reports:
+- per-device memory from ``memory_analysis()``: arguments + outputs + temporaries, with the params
+  and AdamW state donated;
+- the closed-form FLOPs per step: model FLOPs (3 x forward) and hardware FLOPs (plus remat, the
+  flash backward's recompute, and padding);
+- the step time at 50 % MFU on TPU v5p, TPU v6e and the report's 320 TFLOP/s NPU.
 
     python bench/scale_plan.py                       # 256 devices, Stage 3 and 720p, default splits
     python bench/scale_plan.py --devices 16 --layers 2 --splits 2,4,2 --resolutions stage3   # quick check
 
-Caveat: XLA's cost analysis counts a scanned (while-loop) body once, so the compiler's figure covers
-the unscanned parts plus one block; the closed form is the per-step total. Prints a table, then one
-JSON line.
+FLOP check: XLA's ``cost_analysis()`` counts a while loop's body once. That covers the scanned
+blocks and the chunked kernel's loops, so the full model's compiler figure is not a per-step total
+(it is in the JSON only, as ``compiler_flops_per_device_loops_once``). The closed form is instead
+checked against ``cost_analysis()`` on a loop-free variant: 2 layers (a scan of length 1 plus the
+final block), the ``xla`` attention kernel, the real width and token counts, on ``--verify-mesh``.
+The compiler's FLOPs are summed over that mesh's devices.
+
+Prints a table, then as its last line one JSON object.
 """
 
 from __future__ import annotations
