@@ -1,18 +1,26 @@
 """The contentv-8b train step at the report's scale, compiled ahead of time on simulated CPU devices.
 
-For each resolution and (data, fsdp, sequence) split: the train step (bfloat16 compute, float32 params
-and AdamW state, full remat, Ulysses with the chunked attention kernel) is lowered from abstract
-shapes (nothing allocated) and compiled for the mesh; it reports per-device memory
-(``memory_analysis()``: arguments + outputs + temporaries, with the params and AdamW state donated),
-the compiler's FLOPs (``cost_analysis()``, per device), a closed-form FLOP count, and the step time at
-50 % MFU on TPU v5p, TPU v6e and the report's 320 TFLOP/s NPU.
+For each resolution and (data, fsdp, sequence) split, the train step is lowered from abstract
+shapes (nothing allocated) and compiled for the mesh. Settings: bfloat16 compute, float32 params
+and AdamW state, full remat, and Ulysses with the chunked attention kernel. For each run it
+reports:
+- per-device memory from ``memory_analysis()``: arguments + outputs + temporaries, with the params
+  and AdamW state donated;
+- the closed-form FLOPs per step: model FLOPs (3 x forward) and hardware FLOPs (plus remat, the
+  flash backward's recompute, and padding);
+- the step time at 50 % MFU on TPU v5p, TPU v6e and the report's 320 TFLOP/s NPU.
 
     python bench/scale_plan.py                       # 256 devices, Stage 3 and 720p, default splits
     python bench/scale_plan.py --devices 16 --layers 2 --splits 2,4,2 --resolutions stage3   # quick check
 
-Caveat: XLA's cost analysis counts a scanned (while-loop) body once, so the compiler's figure covers
-the unscanned parts plus one block; the closed form is the per-step total. Prints a table, then one
-JSON line.
+FLOP check: XLA's ``cost_analysis()`` counts a while loop's body once. That covers the scanned
+blocks and the chunked kernel's loops, so the full model's compiler figure is not a per-step total
+(it is in the JSON only, as ``compiler_flops_per_device_loops_once``). The closed form is instead
+checked against ``cost_analysis()`` on a loop-free variant: 2 layers (a scan of length 1 plus the
+final block), the ``xla`` attention kernel, the real width and token counts, on ``--verify-mesh``.
+The compiler's FLOPs are summed over that mesh's devices.
+
+Prints a table, then as its last line one JSON object.
 """
 
 from __future__ import annotations
@@ -36,35 +44,81 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int]:
     return (frames - 1) // 4 + 1, height // 8, width // 8
 
 
-def closed_form_flops(cfg, video_tokens: int, text_tokens: int, batch: int) -> dict:
-    """Matmul FLOPs (2 per multiply-add) of one forward, and of a train step without / with full remat."""
-    d, f, n_layers = cfg.width, cfg.ffn_dim, cfg.num_layers
+def _attn_len(tokens: int, kernel: str, chunk: int = 512) -> int:
+    """Joint-attention length the kernel computes over (the chunked kernel pads to a multiple of its chunk)."""
+    return -(-tokens // chunk) * chunk if kernel == "chunked" else tokens
+
+
+def closed_form_flops(cfg, video_tokens: int, text_tokens: int, batch: int, *, sequence: int = 1) -> dict:
+    """Matmul FLOPs (2 per multiply-add) of the MM-DiT, checked term by term against the model code.
+
+    Per sample, with S video tokens, L text tokens, width d, FFN width f = 4d, n heads x hd:
+      each of the ``num_layers - 1`` scanned (full) blocks:
+        AdaLN-zero modulation, video and text: 2 x 2 d (6d)  (per sample: temb is (B, d), not per token)
+        q, k, v projections, video and text: 3 x 2 (S + L) d^2; output projections to_out, to_add_out: 2 (S + L) d^2
+        joint attention QK^T and PV: 2 x 2 (S + L)^2 d
+        FFNs, video and text: 2 x 2 (S + L) d f
+      the final ``context_pre_only`` block: AdaLN-zero (video) 2 d (6d) + AdaLN-continuous (text) 2 d (2d);
+        q, k, v for both 6 (S + L) d^2; attention 4 (S + L)^2 d; to_out and FFN for video only
+        (no to_add_out, no ff_context): 2 S d^2 + 4 S d f
+      embedders: patch embed 2 S (p^2 C_in) d; context embedder 2 L 4096 d; timestep MLP 2 (256 d + d^2);
+        pooled MLP 2 (2048 d + d^2); norm_out 2 d (2d); proj_out 2 S d (p^2 C_out).
+
+    Returns ``forward`` (one forward), ``model_train`` = 3 x forward (backward = 2 x forward; the
+    MFU convention, no recomputation), and ``hardware_train``: what the compiled step executes with
+    ``cfg.remat_policy`` and ``cfg.attention_kernel`` -- full remat re-runs the scanned blocks'
+    forward; the chunked (FlashAttention-2) backward recomputes QK^T (attention backward 2.5 x its
+    forward); the chunked kernel pads the joint sequence to a multiple of 512; Ulysses over
+    ``sequence`` devices pads the heads to a multiple of it (38 -> 40 at 4 or 8).
+    """
+    d, f, p = cfg.width, cfg.ffn_dim, cfg.patch_size
+    n, hd = cfg.num_attention_heads, cfg.attention_head_dim
     s, t = video_tokens, text_tokens
-    per_layer = (
-        4 * 2 * (s + t) * d * d  # q, k, v, out projections for video and text tokens
-        + 2 * 2 * (s + t) * d * f  # the two FFN matmuls
-        + 2 * 2 * (s + t) ** 2 * d  # QK^T and PV over all heads
-        + 2 * 2 * d * 6 * d  # AdaLN-zero modulation (video and text)
-    )
-    patch = 2 * s * (cfg.patch_size**2 * cfg.in_channels) * d * 2  # patch embed + unpatchify
-    fwd = batch * (n_layers * per_layer + patch + 2 * t * cfg.joint_attention_dim * d)
-    return {"forward": fwd, "train": 3 * fwd, "train_remat": 4 * fwd}
+    tok = s + t
+    scanned = cfg.num_layers - 1
+
+    def block_linear(final: bool) -> int:
+        if final:
+            return 2 * d * 6 * d + 2 * d * 2 * d + 6 * tok * d * d + 2 * s * d * d + 4 * s * d * f
+        return 2 * 2 * d * 6 * d + 8 * tok * d * d + 4 * tok * d * f
+
+    attn_model = 4 * tok * tok * d  # per block
+    n_pad = -(-n // sequence) * sequence if sequence > 1 else n
+    lp = _attn_len(tok, cfg.attention_kernel)
+    attn_hw = 4 * lp * lp * hd * n_pad
+    embed = (2 * s * p * p * cfg.in_channels * d + 2 * t * cfg.joint_attention_dim * d + 2 * (256 * d + d * d)
+             + 2 * (cfg.pooled_projection_dim * d + d * d) + 2 * d * 2 * d + 2 * s * d * p * p * cfg.out_channels)
+    fwd = scanned * (block_linear(False) + attn_model) + block_linear(True) + attn_model + embed
+    bwd_attn_factor = 2.5 if cfg.attention_kernel == "chunked" else 2.0
+    blk_hw = block_linear(False) + attn_hw
+    fin_hw = block_linear(True) + attn_hw
+    fwd_hw = scanned * blk_hw + fin_hw + embed
+    bwd_hw = 2 * fwd_hw + (bwd_attn_factor - 2.0) * attn_hw * (scanned + 1)
+    remat_hw = scanned * blk_hw if cfg.remat_policy != "none" else 0
+    return {
+        "forward": batch * fwd,
+        "model_train": batch * 3 * fwd,
+        "hardware_train": batch * (fwd_hw + bwd_hw + remat_hw),
+        "attention_share": (scanned + 1) * attn_model / fwd,
+    }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--devices", type=int, default=256)
-    ap.add_argument("--splits", default="32,8,1;16,8,2;8,8,4;4,8,8;2,16,8",
-                    help="';'-separated data,fsdp,sequence (each multiplying to --devices)")
-    ap.add_argument("--resolutions", default="stage3,720p")
-    ap.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
-    ap.add_argument("--kernel", default="chunked")
-    ap.add_argument("--batch-per-shard", type=int, default=1, help="samples per (data x fsdp) shard")
-    args = ap.parse_args(argv)
+def param_count(cfg) -> int:
+    """Parameters of the MM-DiT (closed form, for the memory budget)."""
+    d, f, p = cfg.width, cfg.ffn_dim, cfg.patch_size
+    hd = cfg.attention_head_dim
+    lin = lambda i, o: i * o + o  # noqa: E731
+    full = 2 * lin(d, 6 * d) + 8 * lin(d, d) + 4 * hd + 2 * (lin(d, f) + lin(f, d))
+    final = lin(d, 6 * d) + lin(d, 2 * d) + 7 * lin(d, d) + 4 * hd + lin(d, f) + lin(f, d)
+    embed = (p * p * cfg.in_channels * d + d + lin(cfg.joint_attention_dim, d) + lin(256, d) + lin(d, d)
+             + lin(cfg.pooled_projection_dim, d) + lin(d, d) + lin(d, 2 * d) + lin(d, p * p * cfg.out_channels))
+    return (cfg.num_layers - 1) * full + final + embed
 
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+def build_step(cfg, mesh, latent: tuple[int, int, int], batch: int):
+    """Lower and compile the train step (MSE on the velocity, AdamW) for ``cfg`` on ``mesh`` from
+    abstract shapes: float32 params and AdamW moments sharded by the logical rules and donated,
+    bfloat16 inputs sharded over (data x fsdp). Returns (compiled, compile seconds, parameter count)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -72,79 +126,147 @@ def main(argv=None) -> int:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from contentv_jax.models.transformer import MMDiT, get_config
+    from contentv_jax.models.transformer import MMDiT
     from contentv_jax.sharding.init import abstract_sharded
     from contentv_jax.sharding.logical import activation_sharding
+
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+    lt, lh, lw = latent
+    graphdef, params, p_sh = abstract_sharded(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)), mesh)
+    unbox = lambda tree: jax.tree.map(lambda v: v.get_value(), tree, is_leaf=lambda x: isinstance(x, nnx.Variable))  # noqa: E731
+    p_sh, params = unbox(p_sh), unbox(params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    repl = NamedSharding(mesh, P())
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = jax.tree.map(lambda _: repl, opt)
+    opt_sh = (opt_sh[0]._replace(mu=p_sh, nu=p_sh),) + tuple(opt_sh[1:])
+    bsh = NamedSharding(mesh, P(("data", "fsdp")))
+    sds = jax.ShapeDtypeStruct
+    batch_abs = {
+        "latents": sds((batch, lt, lh, lw, cfg.in_channels), jnp.bfloat16, sharding=bsh),
+        "target": sds((batch, lt, lh, lw, cfg.in_channels), jnp.bfloat16, sharding=bsh),
+        "timestep": sds((batch,), jnp.float32, sharding=bsh),
+        "context": sds((batch, TEXT_TOKENS, cfg.joint_attention_dim), jnp.bfloat16, sharding=bsh),
+        "pooled": sds((batch, cfg.pooled_projection_dim), jnp.bfloat16, sharding=bsh),
+    }
+
+    def step(params, opt_state, b):
+        def loss(p):
+            out = nnx.merge(graphdef, p)(b["latents"], b["timestep"], b["context"], b["pooled"])
+            return jnp.mean((out.astype(jnp.float32) - b["target"].astype(jnp.float32)) ** 2)
+
+        with activation_sharding(mesh):
+            value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    jitted = jax.jit(step, in_shardings=(p_sh, opt_sh, bsh), out_shardings=(p_sh, opt_sh, repl), donate_argnums=(0, 1))
+    t0 = time.perf_counter()
+    compiled = jitted.lower(params, opt, batch_abs).compile()
+    return compiled, time.perf_counter() - t0, n_params
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=256)
+    ap.add_argument("--splits", default="16,16,1;8,8,4;4,8,8;2,16,8",
+                    help="';'-separated data,fsdp,sequence (each multiplying to --devices)")
+    ap.add_argument("--resolutions", default="stage3,720p")
+    ap.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
+    ap.add_argument("--kernel", default="chunked", help="attention kernel of the planned step")
+    ap.add_argument("--batch-per-shard", type=int, default=1, help="samples per (data x fsdp) shard")
+    ap.add_argument("--verify-mesh", default="1,2,1",
+                    help="data,fsdp,sequence of the FLOP check (2 layers, xla kernel); 'none' to skip")
+    args = ap.parse_args(argv)
+
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import jax
+
+    from contentv_jax.models.transformer import get_config
     from contentv_jax.sharding.mesh import MeshConfig, create_mesh
 
-    overrides = {"attention_kernel": args.kernel}
+    # The issue's setting, explicit: bfloat16 compute, float32 params (so float32 AdamW moments), full remat.
+    overrides = {"attention_kernel": args.kernel, "dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "full"}
     if args.layers:
         overrides["num_layers"] = args.layers
     cfg = get_config("contentv-8b", **overrides)
-    tx = optax.adamw(1e-4, weight_decay=0.0)
+    resolutions = args.resolutions.split(",")
+    for res in resolutions:
+        if res not in RESOLUTIONS:
+            raise SystemExit(f"--resolutions: unknown {res!r}; known {sorted(RESOLUTIONS)}")
+    print(f"contentv-8b train step: {cfg.num_layers} layers, width {cfg.width}, dtype {cfg.dtype}, params "
+          f"{cfg.param_dtype} (AdamW moments float32), remat {cfg.remat_policy}, attention {cfg.attention_kernel}, "
+          f"{args.devices} simulated CPU devices", flush=True)
+
+    # 1) FLOP check: XLA's cost analysis counts a while loop's body once (the scanned blocks, and the
+    # chunked kernel's loops), so check the closed form on a variant with no loops: 2 layers (a scan
+    # of length 1 + the final block), the xla attention kernel, real width and token counts.
+    checks = []
+    if args.verify_mesh != "none":
+        vshape = tuple(int(x) for x in args.verify_mesh.split(","))
+        vn = vshape[0] * vshape[1] * vshape[2]
+        vcfg = cfg.replace(num_layers=2, attention_kernel="xla")
+        vmesh = create_mesh(MeshConfig(*vshape), devices=jax.devices()[:vn])
+        for res in resolutions:
+            lat = latent_shape(*RESOLUTIONS[res])
+            video_tokens = lat[0] * (lat[1] // cfg.patch_size) * (lat[2] // cfg.patch_size)
+            batch = vshape[0] * vshape[1] * args.batch_per_shard
+            compiled, cs, _ = build_step(vcfg, vmesh, lat, batch)
+            xla_total = _flops(compiled) * vn
+            cf = closed_form_flops(vcfg, video_tokens, TEXT_TOKENS, batch, sequence=vshape[2])
+            checks.append({"resolution": res, "mesh": vshape, "layers": 2, "kernel": "xla", "global_batch": batch,
+                           "compiler_flops_total": xla_total, "closed_form_hardware_flops": cf["hardware_train"],
+                           "ratio": xla_total / cf["hardware_train"], "compile_s": cs})
+            print(f"FLOP check {res}: 2 layers, xla kernel, mesh {vshape}, batch {batch}: compiler "
+                  f"{xla_total:.4e} (summed over {vn} devices) vs closed form {cf['hardware_train']:.4e} "
+                  f"-> ratio {xla_total / cf['hardware_train']:.4f} [compile {cs:.0f}s]", flush=True)
+
+    # 2) The plan: per-device memory of the real step on each split; FLOPs from the verified closed form.
     rows = []
-    for res in args.resolutions.split(","):
-        lt, lh, lw = latent_shape(*RESOLUTIONS[res])
-        video_tokens = lt * (lh // cfg.patch_size) * (lw // cfg.patch_size)
+    n_params = None
+    for res in resolutions:
+        lat = latent_shape(*RESOLUTIONS[res])
+        video_tokens = lat[0] * (lat[1] // cfg.patch_size) * (lat[2] // cfg.patch_size)
         for split in args.splits.split(";"):
             shape = tuple(int(x) for x in split.split(","))
             mesh = create_mesh(MeshConfig(*shape))
             batch = shape[0] * shape[1] * args.batch_per_shard
-            graphdef, params, p_sh = abstract_sharded(lambda: MMDiT(cfg, rngs=nnx.Rngs(0)), mesh)
-            p_sh = jax.tree.map(lambda v: v.get_value(), p_sh, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            params = jax.tree.map(lambda v: v.get_value(), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-            repl = NamedSharding(mesh, P())
-            opt = jax.eval_shape(tx.init, params)
-            opt_sh = jax.tree.map(lambda _: repl, opt)
-            opt_sh = (opt_sh[0]._replace(mu=p_sh, nu=p_sh),) + tuple(opt_sh[1:])
-            bsh = NamedSharding(mesh, P(("data", "fsdp")))
-            sds = jax.ShapeDtypeStruct
-            batch_abs = {
-                "latents": sds((batch, lt, lh, lw, cfg.in_channels), jnp.bfloat16, sharding=bsh),
-                "target": sds((batch, lt, lh, lw, cfg.in_channels), jnp.bfloat16, sharding=bsh),
-                "timestep": sds((batch,), jnp.float32, sharding=bsh),
-                "context": sds((batch, TEXT_TOKENS, cfg.joint_attention_dim), jnp.bfloat16, sharding=bsh),
-                "pooled": sds((batch, cfg.pooled_projection_dim), jnp.bfloat16, sharding=bsh),
-            }
-
-            def step(params, opt_state, b):
-                def loss(p):
-                    out = nnx.merge(graphdef, p)(b["latents"], b["timestep"], b["context"], b["pooled"])
-                    return jnp.mean((out.astype(jnp.float32) - b["target"].astype(jnp.float32)) ** 2)
-
-                with activation_sharding(mesh):
-                    value, grads = jax.value_and_grad(loss)(params)
-                updates, opt_state = tx.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), opt_state, value
-
-            jitted = jax.jit(step, in_shardings=(p_sh, opt_sh, bsh), out_shardings=(p_sh, opt_sh, repl),
-                             donate_argnums=(0, 1))
-            t0 = time.perf_counter()
-            lowered = jitted.lower(params, opt, batch_abs)
-            compiled = lowered.compile()
-            compile_s = time.perf_counter() - t0
+            compiled, compile_s, n_params = build_step(cfg, mesh, lat, batch)
             mem = compiled.memory_analysis()
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                        + mem.temp_size_in_bytes)
-            cf = closed_form_flops(cfg, video_tokens, TEXT_TOKENS, batch)
+            cf = closed_form_flops(cfg, video_tokens, TEXT_TOKENS, batch, sequence=shape[2])
             row = {
-                "resolution": res, "video_tokens": video_tokens, "mesh": shape, "global_batch": batch,
-                "per_device_gib": per_dev / 2**30, "args_gib": mem.argument_size_in_bytes / 2**30,
-                "temp_gib": mem.temp_size_in_bytes / 2**30, "compiler_flops_per_device": cost.get("flops"),
-                "closed_form_train_flops": cf["train"], "closed_form_train_remat_flops": cf["train_remat"],
-                "compile_s": compile_s,
+                "resolution": res, "video_tokens": video_tokens, "text_tokens": TEXT_TOKENS, "mesh": shape,
+                "global_batch": batch, "per_device_gib": per_dev / 2**30,
+                "args_gib": mem.argument_size_in_bytes / 2**30, "temp_gib": mem.temp_size_in_bytes / 2**30,
+                "fits_32gb": per_dev <= 32e9,
+                "model_flops_per_step": cf["model_train"], "hardware_flops_per_step": cf["hardware_train"],
+                "attention_share_of_forward": cf["attention_share"],
+                "compiler_flops_per_device_loops_once": _flops(compiled), "compile_s": compile_s,
             }
             for name, peak in PEAK_BF16.items():
-                row[f"step_s_50mfu_{name}"] = cf["train"] / (args.devices * peak * 0.5)
+                row[f"step_s_50mfu_{name}"] = cf["model_train"] / (args.devices * peak * 0.5)
             rows.append(row)
-            print(f"{res:7s} tokens {video_tokens:7d} mesh {shape} batch {batch:4d}: {row['per_device_gib']:7.2f} GiB/device "
-                  f"(temp {row['temp_gib']:.2f}), compiler {row['compiler_flops_per_device'] or 0:.3e} flop/device, "
-                  f"closed form {cf['train']:.3e} flop/step, 50% MFU step v5p {row['step_s_50mfu_tpu-v5p']:.2f}s "
+            print(f"{res:7s} tokens {video_tokens:6d}+{TEXT_TOKENS} mesh {str(shape):12s} batch {batch:4d}: "
+                  f"{row['per_device_gib']:6.2f} GiB/device (args {row['args_gib']:.2f}, temp {row['temp_gib']:.2f}) "
+                  f"{'fits' if row['fits_32gb'] else 'OVER'} 32 GB | model {cf['model_train']:.3e} flop/step "
+                  f"(hardware {cf['hardware_train']:.3e}) | 50% MFU step: v5p {row['step_s_50mfu_tpu-v5p']:.2f}s "
                   f"v6e {row['step_s_50mfu_tpu-v6e']:.2f}s npu {row['step_s_50mfu_npu-320']:.2f}s "
                   f"[compile {compile_s:.0f}s]", flush=True)
-    print(json.dumps({"bench": "scale_plan", "devices": args.devices, "layers": cfg.num_layers, "rows": rows}))
+    if n_params is not None:
+        print(f"parameters: {n_params:,} (closed form {param_count(cfg):,})")
+    print(json.dumps({"bench": "scale_plan", "devices": args.devices, "layers": cfg.num_layers,
+                      "config": {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "remat_policy", "attention_kernel")},
+                      "params": n_params, "flop_checks": checks, "rows": rows}))
     return 0
 
 

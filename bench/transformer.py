@@ -2,7 +2,8 @@
 
 Forward pass and one training step (flow-matching MSE, AdamW) at a small size: 4 layers, 8 heads x 64,
 latents 5 x 16 x 16 x 16 (320 video tokens), 333 context tokens, batch 1. Both run on the local CPU
-(or whatever JAX / torch default to). Reports medians of timed repeats after warm-up; the JAX
+(or whatever JAX / torch default to). Reports medians of timed repeats after warm-up, torch and JAX
+repeats interleaved; the JAX
 compile time is reported apart. Prints a table, then one JSON line as the last line.
 
 Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N]``
@@ -28,13 +29,16 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _side_by_side(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, the repeats interleaved (a, b, a, b, ...) so that both sides
+    see the same machine load."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -114,17 +118,41 @@ def main(argv=None) -> dict:
         fwd(jmodel, *jargs).block_until_ready()
         train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready()
 
-    res = {
-        "torch_forward_s": _median_time(torch_fwd, args.repeats),
-        "jax_forward_s": _median_time(lambda: fwd(jmodel, *jargs).block_until_ready(), args.repeats),
-        "torch_train_step_s": _median_time(torch_step, args.repeats),
-        "jax_train_step_s": _median_time(lambda: train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready(), args.repeats),
+    res = _side_by_side({
+        "torch_forward_s": torch_fwd,
+        "jax_forward_s": lambda: fwd(jmodel, *jargs).block_until_ready(),
+    }, args.repeats)
+    res.update(_side_by_side({
+        "torch_train_step_s": torch_step,
+        "jax_train_step_s": lambda: train_step(jmodel, jopt, *jargs, jx["target"]).block_until_ready(),
+    }, args.repeats))
+    # Profile: the achieved FLOP rate of each side (closed-form matmul FLOPs of bench/scale_plan.py)
+    # against each library's own GEMM rate at the model's FFN shape (the largest matmul).
+    from bench.scale_plan import closed_form_flops
+
+    cf = closed_form_flops(jmodel.cfg, 320, 333, 1)
+    m, k, n = 320 + 333, jmodel.cfg.width, jmodel.cfg.ffn_dim
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    jdot = jax.jit(jnp.dot)
+    jdot(ja, jb).block_until_ready()
+    gemm = _side_by_side({"torch": lambda: torch.mm(ta, tb), "jax": lambda: jdot(ja, jb).block_until_ready()}, 20)
+    gemm_gflops = {kk: 2 * m * k * n / v / 1e9 for kk, v in gemm.items()}
+    rates = {
+        "forward_flops": cf["forward"], "train_step_flops": cf["model_train"],
+        "torch_forward_gflops": cf["forward"] / res["torch_forward_s"] / 1e9,
+        "jax_forward_gflops": cf["forward"] / res["jax_forward_s"] / 1e9,
+        "torch_train_step_gflops": cf["model_train"] / res["torch_train_step_s"] / 1e9,
+        "jax_train_step_gflops": cf["model_train"] / res["jax_train_step_s"] / 1e9,
+        "torch_gemm_gflops": gemm_gflops["torch"], "jax_gemm_gflops": gemm_gflops["jax"], "gemm_shape": [m, k, n],
     }
     out = {
         "bench": "transformer",
+        "rates": rates,
         "config": {"layers": args.layers, "heads": 8, "head_dim": 64, "latents": [5, 16, 16, 16], "video_tokens": 320,
                    "context_tokens": 333, "batch": 1, "dtype": "float32"},
         "jax_device": str(jax.devices()[0].platform),
+        "jax_ratio_train_step": round(res["jax_train_step_s"] / res["torch_train_step_s"], 3),
         "torch_threads": torch.get_num_threads(),
         "repeats": args.repeats,
         **{k: round(v, 5) for k, v in res.items()},
@@ -133,9 +161,17 @@ def main(argv=None) -> dict:
         "forward_speedup": round(res["torch_forward_s"] / res["jax_forward_s"], 3),
         "train_step_speedup": round(res["torch_train_step_s"] / res["jax_train_step_s"], 3),
     }
-    print(f"{'':14s}{'torch (s)':>12s}{'jax (s)':>12s}{'speedup':>10s}{'jax compile (s)':>18s}")
-    print(f"{'forward':14s}{res['torch_forward_s']:12.4f}{res['jax_forward_s']:12.4f}{out['forward_speedup']:10.2f}{compile_fwd:18.2f}")
-    print(f"{'train step':14s}{res['torch_train_step_s']:12.4f}{res['jax_train_step_s']:12.4f}{out['train_step_speedup']:10.2f}{compile_step:18.2f}")
+    print(f"transformer {args.layers} layers, 8 heads x 64, latents 5x16x16x16 (320 video tokens), 333 context tokens, "
+          f"batch 1, float32; JAX on {out['jax_device']}, torch {out['torch_threads']} threads; median of {args.repeats}")
+    print(f"{'':14s}{'torch (s)':>12s}{'jax (s)':>12s}{'jax/torch':>11s}{'jax compile (s)':>18s}")
+    for name, key, comp in (("forward", "forward", compile_fwd), ("train step", "train_step", compile_step)):
+        t, j = res[f"torch_{key}_s"], res[f"jax_{key}_s"]
+        print(f"{name:14s}{t:12.4f}{j:12.4f}{j / t:11.2f}{comp:18.2f}")
+    print(f"profile: matmul FLOPs (closed form) forward {cf['forward'] / 1e9:.1f} G, train step {cf['model_train'] / 1e9:.1f} G")
+    print(f"{'achieved GFLOP/s':18s}{'torch':>10s}{'jax':>10s}")
+    print(f"{'forward':18s}{rates['torch_forward_gflops']:10.1f}{rates['jax_forward_gflops']:10.1f}")
+    print(f"{'train step':18s}{rates['torch_train_step_gflops']:10.1f}{rates['jax_train_step_gflops']:10.1f}")
+    print(f"{'GEMM %dx%dx%d' % (m, k, n):18s}{gemm_gflops['torch']:10.1f}{gemm_gflops['jax']:10.1f}")
     print(json.dumps(out))
     return out
 

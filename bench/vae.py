@@ -194,7 +194,7 @@ def main(argv=None) -> int:
 
     print()
     print(f"{'op':7s}{'frames':>7s} | {'jax s':>8s} {'torch s':>8s} {'speedup':>8s} | "
-          f"{'jax MiB':>8s} {'torch MiB':>9s} {'XLA temp':>9s}")  # fmt: skip
+          f"{'jax MiB':>8s} {'torch MiB':>9s} {'jax/torch':>9s} {'XLA temp':>9s}")  # fmt: skip
     rows = []
     for frames in args.frames:
         for op in ("encode", "decode"):
@@ -208,6 +208,8 @@ def main(argv=None) -> int:
                 "jax_peak_mib": j and j["peak_growth_mib"],
                 "torch_peak_mib": t and t["peak_growth_mib"],
                 "jax_xla_temp_mib": j and j["xla_temp_mib"],
+                "peak_ratio_jax_torch": (j["peak_growth_mib"] / t["peak_growth_mib"]) if (j and t) else None,
+                "time_ratio_jax_torch": (j["median_s"] / t["median_s"]) if (j and t) else None,
             }
             rows.append(row)
 
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
 
             print(f"{op:7s}{frames:>7d} | {f(row['jax_s'], '8.2f')} {f(row['torch_s'], '8.2f')} "
                   f"{f(row['speedup'], '8.2f')} | {f(row['jax_peak_mib'], '8.0f')} {f(row['torch_peak_mib'], '9.0f')} "
-                  f"{f(row['jax_xla_temp_mib'], '9.0f')}")  # fmt: skip
+                  f"{f(row['peak_ratio_jax_torch'], '9.2f')} {f(row['jax_xla_temp_mib'], '9.0f')}")  # fmt: skip
     summary = {"size": args.size, "rows": rows, "warmup": args.warmup, "repeats": args.repeats}
     if mem:
         lo, hi = min(mem), max(mem)
