@@ -28,12 +28,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from contentv_jax.atomic import atomic_dir
 
 __all__ = ["TextEncoders", "build_tiny_text_encoders", "CLIP_MAX_LENGTH", "SUBFOLDERS", "DEFAULT_CORPUS"]
 
@@ -283,9 +283,7 @@ def build_tiny_text_encoders(
         if d % num_heads:
             raise ValueError(f"width {d} is not divisible by num_heads={num_heads}")
     dst = Path(dst_dir)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         vocab, merges = _train_clip_bpe(corpus, clip_merges)
         for sub, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
             tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad, model_max_length=77)
@@ -332,10 +330,4 @@ def build_tiny_text_encoders(
             tie_word_embeddings=False,
         )
         T5EncoderModel(t5_cfg).eval().save_pretrained(tmp / "text_encoder_3")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -17,13 +17,14 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from contentv_jax.atomic import commit_dir, tmp_sibling
 from safetensors import safe_open
 
 OUR_FORMAT = "contentv-jax"
@@ -238,21 +239,9 @@ def check_dtypes(found: Mapping[str, str], *, what: str, supported: tuple[str, .
         raise CheckpointError(f"{what}: {len(bad)} problem(s):\n  " + "\n  ".join(bad))
 
 
-def _tmp_sibling(dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-
-
-def _commit_dir(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` onto ``dst`` (replacing an existing ``dst`` only after the new one is complete)."""
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rmdir(old)
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+# Kept under these names for callers (the trainer's multi-host export).
+_tmp_sibling = tmp_sibling
+_commit_dir = commit_dir
 
 
 def _safetensors_bytes(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, list[tuple[str, np.ndarray]]]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from contentv_jax.atomic import atomic_dir
 from contentv_jax.video import write_video
 
 __all__ = ["COLORS", "SHAPES", "DIRECTIONS", "caption", "render_video", "make_synthetic_dataset"]
@@ -99,9 +98,7 @@ def make_synthetic_dataset(
     rng = np.random.default_rng(seed)
     names = sorted(COLORS)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         lines = []
         for i in range(num_videos):
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -117,10 +114,4 @@ def make_synthetic_dataset(
         with open(tmp / "captions.jsonl", "w") as f:
             for line in lines:
                 f.write(json.dumps(line) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
