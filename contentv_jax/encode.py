@@ -540,6 +540,7 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> EncodeStats:
+    """CLI entry point of ``python -m contentv_jax.encode``; returns the process exit status (0 ok, 2 bad arguments)."""
     p = argparse.ArgumentParser(prog="python -m contentv_jax.encode", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="directory of videos/images and captions.jsonl")
     p.add_argument("--out", required=True, help="output directory of records (index.json, *.array_record)")

@@ -38,6 +38,7 @@ DTYPES = ("bfloat16", "float32", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of ``python -m contentv_jax.sample`` (flags close to the official demo)."""
     p = argparse.ArgumentParser(
         prog="python -m contentv_jax.sample",
         description="Sample videos from a ContentV checkpoint (flow-shift Euler with classifier-free guidance).",
@@ -118,6 +119,7 @@ def _write_outputs(result: np.ndarray, output_type: str, names: list[Path], npy_
 
 
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of ``python -m contentv_jax.sample``; returns the exit status (0 ok, 2 bad input, named on stderr before any compute)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # ---- every check before anything heavy is loaded or computed

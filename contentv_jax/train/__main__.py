@@ -39,6 +39,7 @@ def _initialize(args) -> None:
 
 
 def main(argv=None) -> int:
+    """CLI entry point of ``python -m contentv_jax.train``; returns the exit status (0 completed, 1 stopped by non-finite losses, 2 bad config)."""
     parser = argparse.ArgumentParser(prog="python -m contentv_jax.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="a YAML file (default: configs/train/tiny.yaml)")
     parser.add_argument("--data", default=None, help="directory of videos + captions.jsonl (sets data.dir)")
