@@ -1,7 +1,8 @@
-"""Atomic directory writes: build in a temporary sibling, then rename onto the destination.
+"""Atomic writes of directories and single files: build in a temporary sibling, then rename onto the destination.
 
-Nothing half-written is ever visible at the destination: a failure removes the temporary directory,
-and an existing destination is replaced only once the new one is complete.
+Nothing half-written is ever visible at the destination: a failure removes the temporary directory
+or file, and an existing destination is replaced only once the new one is complete
+(``atomic_dir`` for directories, ``atomic_file`` for one file).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,4 +48,23 @@ def atomic_dir(dst: str | os.PathLike) -> Iterator[Path]:
         commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(dst: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """``with atomic_file(dst) as tmp:`` write the file ``tmp``; on success it replaces ``dst`` (``os.replace``).
+
+    ``tmp`` is a new, not yet existing path beside ``dst`` (same filesystem) ending in ``suffix``
+    (default: ``dst``'s own suffix, so writers that look at the extension, such as ``np.save`` or PyAV,
+    behave as for ``dst``). On any exception ``tmp`` is removed and ``dst`` is left as it was.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{dst.suffix if suffix is None else suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

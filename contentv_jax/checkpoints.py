@@ -320,8 +320,8 @@ def transformer_config(model_section: Any):
     if m.init == "random":
         try:
             return T.get_config(m.name, **ov), "random"
-        except KeyError:
-            raise ConfigError(f"config key 'model.name': unknown transformer {m.name!r}; known: {sorted(T.CONFIGS)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"config key 'model.name': {e}") from None
     path = Path(m.init)
     if is_our_checkpoint(path):
         return T.TransformerConfig.from_dict(read_our_config(path)).replace(**ov), "ours"

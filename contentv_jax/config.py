@@ -1,7 +1,8 @@
 """Configs as data: nested dataclasses filled from YAML files and ``key=value`` overrides.
 
-``load_config(Schema, path, overrides)`` reads a YAML mapping into the dataclass ``Schema``, then
-applies dotted overrides such as ``mesh.data=2`` or ``optimizer.lr=1e-4`` (values parsed as YAML
+``load_config(Schema, path, overrides)`` reads a YAML mapping into the dataclass ``Schema`` (the
+dataclasses hold every default; a YAML file lists only what differs from them, or from the file its
+``base:`` key names), then applies dotted overrides such as ``mesh.data=2`` or ``optimizer.lr=1e-4`` (values parsed as YAML
 scalars). Unknown keys anywhere are errors naming the full dotted key, raised before any work.
 """
 
@@ -128,14 +129,54 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
     return from_dict(type(cfg), data)
 
 
+BASE_KEY = "base"
+
+
+def read_yaml_with_bases(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of the YAML file at ``path`` merged onto the file its ``base:`` key names (recursively).
+
+    ``base: other.yaml`` is resolved relative to ``path``'s directory; without ``base`` the file stands
+    alone (onto the dataclass defaults). Nested mappings merge key by key; the file's own values win.
+
+    Raises:
+      ConfigError: the file is not a mapping, ``base`` is not a string, or bases form a loop.
+      FileNotFoundError: ``path`` or a base does not exist.
+    """
+    path = Path(path).absolute()
+    if path in _seen:
+        raise ConfigError(f"config file {path}: 'base' loops back: {' -> '.join(str(p) for p in (*_seen, path))}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    data = dict(data)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: key 'base' must name a YAML file, got {base!r}")
+    parent = read_yaml_with_bases(path.parent / base, (*_seen, path))
+    return _merge_yaml(parent, data)
+
+
+def _merge_yaml(base: Mapping, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge_yaml(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path`` (if given), then by ``overrides``."""
+    """Defaults of ``cls``, updated by the YAML file at ``path`` (if given; with its ``base:`` chain,
+    :func:`read_yaml_with_bases`), then by ``overrides``.
+
+    Raises:
+      ConfigError: an unknown key (named in full), a bad value, or a bad ``base``.
+      FileNotFoundError: ``path`` or a base does not exist.
+    """
     cfg = cls()
     if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        data = read_yaml_with_bases(path)
         merged = _deep_merge(to_dict(cfg), data, prefix="")
         cfg = from_dict(cls, merged)
     return apply_overrides(cfg, overrides)

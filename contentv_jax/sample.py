@@ -23,18 +23,18 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from contentv_jax import pipeline as pl
+from contentv_jax.atomic import atomic_file
 from contentv_jax.config import ConfigError, apply_overrides
+from contentv_jax.dtypes import NAMES as DTYPE_NAMES
 from contentv_jax.sharding.mesh import MeshConfig
 
 logger = logging.getLogger("contentv_jax.sample")
 
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=pl.MAX_SEQUENCE_LENGTH,
                    help="T5 tokens (256 for ContentV; use what the model was trained with)")
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N lines of --prompts-file")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="transformer dtype (VAE: float32)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="transformer dtype (VAE: float32)")
     mem = p.add_argument_group("memory")
     mem.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
     mem.add_argument("--chunked-attention", action="store_true", help="online-softmax attention in chunks")
@@ -97,16 +97,8 @@ def vbench_name(prompt: str, index: int, suffix: str = ".mp4") -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".npy") as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_outputs(result: np.ndarray, output_type: str, names: list[Path], npy_path: Path, fps: float) -> list[Path]:

@@ -45,6 +45,14 @@ _ST_TO_NP: dict[str, np.dtype] = {
 }
 _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 
+def numpy_dtype(st_dtype: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype string ('BF16' -> ``ml_dtypes.bfloat16``; its ``.name`` is
+    our dtype name, e.g. 'bfloat16'). Raises CheckpointError for a dtype numpy has none for."""
+    if st_dtype not in _ST_TO_NP:
+        raise CheckpointError(f"unsupported safetensors dtype {st_dtype}")
+    return _ST_TO_NP[st_dtype]
+
+
 # Floating dtypes our models accept as parameters.
 SUPPORTED_PARAM_DTYPES = ("F32", "BF16", "F16")
 

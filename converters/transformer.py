@@ -31,7 +31,6 @@ from converters.common import CheckpointError
 log = logging.getLogger(__name__)
 
 SD3_2D_POS_TABLE = "pos_embed.pos_embed"
-_DTYPE_NAME = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +175,7 @@ def _read_diffusers(src) -> tuple[object, dict[str, common.LazyTensor]]:
         by = {d: sorted(n for n, t in tensors.items() if t.st_dtype == d) for d in dtypes}
         raise CheckpointError(f"{src}: mixed tensor dtypes {dtypes}; expected one: " + "; ".join(f"{d}: {v[:5]}" for d, v in by.items()))
     try:
-        cfg = TransformerConfig.from_diffusers_config(config, param_dtype=_DTYPE_NAME[dtypes[0]] if dtypes else "float32")
+        cfg = TransformerConfig.from_diffusers_config(config, param_dtype=common.numpy_dtype(dtypes[0]).name if dtypes else "float32")
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{src}/config.json: {e}") from e
     common.check_tensors(expected_diffusers_shapes(cfg), {n: t.shape for n, t in tensors.items()},

@@ -9,11 +9,11 @@ noise/data-endpoint mismatch between the trainer and the sampler sends the sampl
 """
 
 import json
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
+import yaml
 
 from contentv_jax import pipeline as pl
 
@@ -28,6 +28,7 @@ def _cosine(a, b):
 def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     from contentv_jax.data.encode import decode_record, read_index
     from contentv_jax.train.config import load_train_config
+    from contentv_jax.models.transformer import get_config
     from contentv_jax.train.trainer import Trainer
 
     data = tmp_path / "data"
@@ -41,10 +42,7 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     # 9 frames at 1.5 fps: the 6 s clip gives exactly one training clip
     # the tiny transformer, twice as wide (4 heads x 32): enough capacity to memorise one clip quickly
     model_yaml = tmp_path / "model.yaml"
-    model_yaml.write_text(
-        (Path(__file__).resolve().parents[1] / "configs" / "model" / "tiny.yaml").read_text()
-        .replace("attention_head_dim: 16", "attention_head_dim: 32").replace("caption_projection_dim: 64", "caption_projection_dim: 128")
-    )
+    model_yaml.write_text(yaml.safe_dump(get_config("tiny", attention_head_dim=32, caption_projection_dim=128).to_dict()))
     cfg = load_train_config(None, [f"model.name={model_yaml}",
         f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=600", "optimizer.lr=2e-3", "optimizer.schedule=cosine", "optimizer.decay_steps=600",
         "buckets.max_height=32", "buckets.max_width=32", "buckets.batch_video=4", "model.dtype=float32",

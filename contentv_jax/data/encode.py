@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from contentv_jax.atomic import atomic_file
+
 from contentv_jax.data.buckets import Bucket, assign_bucket, make_buckets
 from contentv_jax.data.video import (
     VideoReadError,
@@ -166,10 +168,8 @@ def load_null_text(records_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarr
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ------------------------------------------------------------------------------------------------

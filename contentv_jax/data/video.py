@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from contentv_jax.atomic import atomic_file
 
 __all__ = [
     "VideoReadError",
@@ -227,7 +228,7 @@ def write_video(
     """Write ``frames`` (T, H, W, 3), uint8 or float in ``[0, 1]`` (clipped), to an H.264 yuv420p mp4.
 
     H and W must be even (yuv420p). The file is written to a temporary sibling, then moved onto
-    ``path`` with ``os.replace``, so a reader never sees a half-written video.
+    ``path`` (``contentv_jax.atomic.atomic_file``), so a reader never sees a half-written video.
 
     Returns the written path. Raises ValueError for a bad shape, dtype, odd size or non-positive fps.
     """
@@ -240,11 +241,8 @@ def write_video(
     if not fps or fps <= 0 or not math.isfinite(fps):
         raise ValueError(f"write_video: fps must be positive, got {fps}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        with av.open(tmp, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+    with atomic_file(path, suffix=".mp4") as tmp:
+        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             rate = Fraction(fps).limit_denominator(1001)
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -255,11 +253,6 @@ def write_video(
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

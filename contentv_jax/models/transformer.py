@@ -35,13 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from contentv_jax.config import ConfigError
+from contentv_jax.dtypes import DTYPES
 from contentv_jax.models.attention import joint_attention
 from contentv_jax.sharding import ulysses
 from contentv_jax.sharding.logical import constrain
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation
@@ -93,21 +93,21 @@ class TransformerConfig:
 
     def __post_init__(self):
         if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+            raise ConfigError(f"num_layers must be >= 1, got {self.num_layers}")
         if self.caption_projection_dim != self.width:
-            raise ValueError(
+            raise ConfigError(
                 f"caption_projection_dim ({self.caption_projection_dim}) must equal num_attention_heads x "
                 f"attention_head_dim ({self.width}) for joint attention"
             )
         if self.qk_norm not in (None, "rms_norm"):
-            raise ValueError(f"qk_norm must be 'rms_norm' or None, got {self.qk_norm!r}")
+            raise ConfigError(f"qk_norm must be 'rms_norm' or None, got {self.qk_norm!r}")
         if self.width % 16:
-            raise ValueError(f"the width {self.width} must be a multiple of 16 for the 3D sin-cos table")
+            raise ConfigError(f"the width {self.width} must be a multiple of 16 for the 3D sin-cos table")
         for f in ("param_dtype", "dtype"):
             if getattr(self, f) not in DTYPES:
-                raise ValueError(f"{f} must be one of {sorted(DTYPES)}, got {getattr(self, f)!r}")
+                raise ConfigError(f"{f} must be one of {sorted(DTYPES)}, got {getattr(self, f)!r}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+            raise ConfigError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
 
     @property
     def width(self) -> int:
@@ -135,11 +135,11 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TransformerConfig:
-        """Inverse of :meth:`to_dict`. Raises ValueError naming unknown keys."""
+        """Inverse of :meth:`to_dict`. Raises ConfigError (a ValueError) naming unknown keys."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown TransformerConfig keys {unknown}")
+            raise ConfigError(f"unknown TransformerConfig keys {unknown}")
         return cls(**d)
 
     _DIFFUSERS_KEYS = (
@@ -159,9 +159,9 @@ class TransformerConfig:
         known = set(cls._DIFFUSERS_KEYS) | {"dual_attention_layers"}
         unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
         if unknown:
-            raise ValueError(f"unsupported transformer config keys {unknown}")
+            raise ConfigError(f"unsupported transformer config keys {unknown}")
         if config.get("dual_attention_layers"):
-            raise ValueError(
+            raise ConfigError(
                 f"dual_attention_layers={config['dual_attention_layers']} (MMDiT-X) is not supported; ContentV has none"
             )
         kw = {k: config[k] for k in cls._DIFFUSERS_KEYS if k in config}
@@ -194,18 +194,18 @@ CONFIGS: dict[str, TransformerConfig] = {
 
 
 def get_config(name: str, **overrides) -> TransformerConfig:
-    """A named config (``contentv-8b``, ``sd35-large``, ``tiny``) or a YAML file of
-    :class:`TransformerConfig` fields (``configs/model/*.yaml``), with optional field overrides.
+    """A named config (:data:`CONFIGS`: ``contentv-8b``, ``sd35-large``, ``tiny``; the one place they are
+    defined) or a YAML file of :class:`TransformerConfig` fields, with optional field overrides.
 
     Raises:
-      KeyError: unknown name. ValueError: unknown fields in the YAML file.
+      ConfigError: unknown name, or unknown fields in the YAML file.
     """
     if name.endswith((".yaml", ".yml")):
         import yaml
 
         return TransformerConfig.from_dict(yaml.safe_load(Path(name).read_text())).replace(**overrides)
     if name not in CONFIGS:
-        raise KeyError(f"unknown transformer config {name!r}; known: {sorted(CONFIGS)}")
+        raise ConfigError(f"unknown transformer config {name!r}; known: {sorted(CONFIGS)}")
     return CONFIGS[name].replace(**overrides)
 
 

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from contentv_jax.config import ConfigError
+
 __all__ = [
     "VAEConfig",
     "WanVAE",
@@ -89,22 +91,22 @@ class VAEConfig:
         for name in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.is_residual or self.patch_size is not None:
-            raise ValueError(
+            raise ConfigError(
                 "VAEConfig: only the Wan2.1 VAE is supported (is_residual=False, patch_size=None); "
                 f"got is_residual={self.is_residual}, patch_size={self.patch_size} (the Wan2.2 layout)"
             )
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(
+            raise ConfigError(
                 f"VAEConfig: temperal_downsample needs len(dim_mult) - 1 = {len(self.dim_mult) - 1} entries, "
                 f"got {len(self.temperal_downsample)}"
             )
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"VAEConfig: latents_mean and latents_std need z_dim = {self.z_dim} entries, "
                 f"got {len(self.latents_mean)} and {len(self.latents_std)}"
             )
         if self.in_channels != 3 or self.out_channels != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"VAEConfig: in_channels and out_channels must be 3 (RGB), got {self.in_channels}, {self.out_channels}"
             )
 
@@ -136,7 +138,7 @@ class VAEConfig:
             kwargs = {k: v for k, v in kwargs.items() if k in names}
         cls_name = config.get("_class_name", "AutoencoderKLWan")
         if cls_name != "AutoencoderKLWan":
-            raise ValueError(f"VAEConfig.from_diffusers: expected _class_name 'AutoencoderKLWan', got {cls_name!r}")
+            raise ConfigError(f"VAEConfig.from_diffusers: expected _class_name 'AutoencoderKLWan', got {cls_name!r}")
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:
@@ -160,10 +162,10 @@ def get_config(name: str) -> VAEConfig:
     """A named config: ``'wan2.1'`` (the real Wan2.1 VAE) or ``'tiny'`` (tests).
 
     Raises:
-      ValueError: for an unknown name.
+      ConfigError (a ValueError): for an unknown name.
     """
     if name not in _CONFIGS:
-        raise ValueError(f"unknown VAE config {name!r}; expected one of {sorted(_CONFIGS)}")
+        raise ConfigError(f"unknown VAE config {name!r}; expected one of {sorted(_CONFIGS)}")
     return _CONFIGS[name]()
 
 

@@ -3,7 +3,7 @@
 With no arguments: trains the tiny model on CPU on a synthetic moving-shapes dataset rendered into the
 run directory, with tiny random text encoders and VAE (saved there and reloaded through the real
 loading code). ``--data DIR``: video files plus ``captions.jsonl``; encoded once into the run dir.
-Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I``.
+Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``CONTENTV_*`` environment variables).
 Exit status: 0 on completion (or a clean SIGTERM stop), 1 when stopped by non-finite losses, 2 on a bad config.
 """
 
@@ -12,30 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    try:
-        from contentv_jax.sharding.distributed import add_distributed_args
-    except ImportError:
-        g = parser.add_argument_group("distributed (multi-host)")
-        g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-        g.add_argument("--num-processes", type=int, default=None)
-        g.add_argument("--process-id", type=int, default=None)
-        return
-    add_distributed_args(parser)
-
-
-def _initialize(args) -> None:
-    if args.coordinator is None:
-        return
-    try:
-        from contentv_jax.sharding.distributed import initialize
-    except ImportError:
-        import jax
-
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        return
-    initialize(args.coordinator, args.num_processes, args.process_id)
+from contentv_jax.sharding.distributed import add_distributed_args, initialize_from_args
 
 
 def main(argv=None) -> int:
@@ -45,7 +22,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="directory of videos + captions.jsonl (sets data.dir)")
     parser.add_argument("--run-dir", default=None, help="where checkpoints, logs and caches go (sets run_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100")
-    _add_distributed_args(parser)
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
 
     from contentv_jax.config import ConfigError
@@ -61,7 +38,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _initialize(args)
+    try:
+        initialize_from_args(args)  # flags, else CONTENTV_* environment variables; one process: a no-op
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from contentv_jax.train.trainer import Trainer
 

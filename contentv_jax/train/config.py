@@ -1,6 +1,8 @@
 """The training config: nested dataclasses, filled from ``configs/train/*.yaml`` and ``key=value`` overrides.
 
-Loaded with :func:`contentv_jax.config.load_config` (unknown keys are errors naming the dotted key).
+The dataclasses hold every default (the tiny CPU run); a stage YAML lists only what differs from them,
+or from the stage it names as ``base:``. Loaded with :func:`contentv_jax.config.load_config` (unknown
+keys are errors naming the dotted key).
 :func:`validate` then checks shapes and values before any work (an impossible shape names its key).
 Stage configs follow the ContentV report's Table 2 (reference doc section 5).
 """
@@ -11,6 +13,7 @@ import dataclasses
 from pathlib import Path
 
 from contentv_jax.config import ConfigError, load_config
+from contentv_jax.dtypes import NAMES as DTYPE_NAMES
 from contentv_jax.sharding.mesh import MeshConfig
 
 # Wan2.1 VAE: 4x temporal (causal: T -> 1 + (T - 1) / 4), 8x spatial compression.
@@ -28,14 +31,16 @@ class ModelConfig:
     ``init``: ``random``, or a path to a converted SD3.5 Large or ContentV checkpoint (diffusers
     directory or ours), loaded with ``load_transformer``; the loaded checkpoint's config wins over ``name``.
     ``dtype``: compute dtype (parameters stay float32 master weights). ``remat_policy``: passed to the
-    model config (empty keeps the model default).
+    model config (empty keeps the model default). ``latent_channels``: the transformer's in/out
+    channels, the VAE's latent channels (16 for the Wan2.1 VAE, ContentV report section 3; 0 keeps the
+    named config's ``in_channels``).
     """
 
     name: str = "tiny"
     init: str = "random"
     dtype: str = "bfloat16"
     remat_policy: str = ""
-    latent_channels: int = 0
+    latent_channels: int = 16
 
 
 @dataclasses.dataclass
@@ -187,8 +192,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("steps", f"must be >= 1, got {cfg.steps}")
     if cfg.max_nonfinite < 1:
         err("max_nonfinite", f"must be >= 1, got {cfg.max_nonfinite}")
-    if cfg.model.dtype not in ("bfloat16", "float32", "float16"):
-        err("model.dtype", f"must be bfloat16, float16 or float32, got {cfg.model.dtype!r}")
+    if cfg.model.dtype not in DTYPE_NAMES:
+        err("model.dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {cfg.model.dtype!r}")
     b = cfg.buckets
     if (b.max_frames - 1) % VAE_TEMPORAL_FACTOR or b.max_frames < 1:
         err("buckets.max_frames", f"must be 4k+1 (the causal VAE's 1 + 4k frames), got {b.max_frames}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -37,8 +36,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from contentv_jax import checkpoints
+from contentv_jax.atomic import atomic_file
 from contentv_jax.config import ConfigError, to_dict
 from contentv_jax.data.prepare import cache_dir as data_cache_dir
+from contentv_jax.dtypes import DTYPES
 from contentv_jax.data.prepare import prepare as prepare_data
 from contentv_jax.scheduler import sample_training_sigmas
 from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice
@@ -54,8 +55,6 @@ from contentv_jax.train.config import (
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
 from contentv_jax.train.optim import ema_update, global_norm, learning_rate_schedule, make_optimizer
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -67,9 +66,8 @@ def latent_tokens(latents_shape) -> int:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 # ----------------------------------------------------------------------------- sharding
