@@ -168,10 +168,10 @@ def test_load_sharded_restores_into_shardings(tmp_path, reference_state):
 
 def test_spec_for_drops_non_dividing_axes():
     mesh = create_mesh(MeshConfig(data=2, fsdp=2, sequence=2))
-    assert spec_for((4, 6), ("batch", "embed"), mesh, DEFAULT_RULES) == P(("data", "fsdp"), "fsdp")[:1] + P(None)
-    assert spec_for((2, 6), ("batch", "embed"), mesh) == P("data", None)
+    assert spec_for((4, 6), ("activation_batch", "activation_embed"), mesh, DEFAULT_RULES) == P(("data", "fsdp"), "fsdp")[:1] + P(None)
+    assert spec_for((2, 6), ("activation_batch", "activation_embed"), mesh) == P("data", None)
     with pytest.raises(ValueError, match="rank 1"):
-        spec_for((4,), ("batch", "embed"), mesh)
+        spec_for((4,), ("activation_batch", "activation_embed"), mesh)
 
 
 def test_distributed_args_and_single_process():

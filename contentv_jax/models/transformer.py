@@ -340,7 +340,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jax.nn.gelu(self.proj_in(x), approximate=True)
-        h = constrain(h, ("batch", self.tokens, "mlp"))
+        h = constrain(h, ("activation_batch", self.tokens, "activation_mlp"))
         return self.proj_out(h)
 
 
@@ -365,11 +365,11 @@ class JointAttention(nnx.Module):
 
     def _heads(self, x: jax.Array, tokens: str) -> jax.Array:
         b, s, _ = x.shape
-        return constrain(x.reshape(b, s, self.heads, self.head_dim), ("batch", tokens, "heads", "head_dim"))
+        return constrain(x.reshape(b, s, self.heads, self.head_dim), ("activation_batch", tokens, "activation_heads", "activation_head_dim"))
 
     def __call__(self, x: jax.Array, c: jax.Array, img_valid: int | None = None) -> tuple[jax.Array, jax.Array | None]:
-        q, k, v = (self._heads(f(x), "video_tokens") for f in (self.to_q, self.to_k, self.to_v))
-        cq, ck, cv = (self._heads(f(c), "text_tokens") for f in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+        q, k, v = (self._heads(f(x), "activation_video_tokens") for f in (self.to_q, self.to_k, self.to_v))
+        cq, ck, cv = (self._heads(f(c), "activation_text_tokens") for f in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
             cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
@@ -393,8 +393,8 @@ class JointTransformerBlock(nnx.Module):
         self.norm1 = AdaLayerNormZero(cfg, rngs=rngs)
         self.norm1_context = AdaLayerNormContinuous(cfg, rngs=rngs) if context_pre_only else AdaLayerNormZero(cfg, rngs=rngs)
         self.attn = JointAttention(cfg, context_pre_only=context_pre_only, rngs=rngs)
-        self.ff = FeedForward(cfg, rngs=rngs, tokens="video_tokens")
-        self.ff_context = None if context_pre_only else FeedForward(cfg, rngs=rngs, tokens="text_tokens")
+        self.ff = FeedForward(cfg, rngs=rngs, tokens="activation_video_tokens")
+        self.ff_context = None if context_pre_only else FeedForward(cfg, rngs=rngs, tokens="activation_text_tokens")
 
     def __call__(self, x: jax.Array, c: jax.Array, temb: jax.Array, img_valid: int | None = None):
         nx, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, temb)
@@ -405,12 +405,12 @@ class JointTransformerBlock(nnx.Module):
         attn_x, attn_c = self.attn(nx, nc, img_valid)
         x = x + gate_msa[:, None] * attn_x
         nx = layer_norm(x, self.eps) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        x = constrain(x + gate_mlp[:, None] * self.ff(nx), ("batch", "video_tokens", "embed"))
+        x = constrain(x + gate_mlp[:, None] * self.ff(nx), ("activation_batch", "activation_video_tokens", "activation_embed"))
         if self.context_pre_only:
             return x, None
         c = c + c_gate_msa[:, None] * attn_c
         nc = layer_norm(c, self.eps) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        c = constrain(c + c_gate_mlp[:, None] * self.ff_context(nc), ("batch", "text_tokens", "embed"))
+        c = constrain(c + c_gate_mlp[:, None] * self.ff_context(nc), ("activation_batch", "activation_text_tokens", "activation_embed"))
         return x, c
 
 
@@ -533,9 +533,9 @@ class MMDiT(nnx.Module):
         n_tok = x.shape[1]
         x = ulysses.pad_tokens(x, ulysses.sequence_size())
         img_valid = None if x.shape[1] == n_tok else n_tok
-        x = constrain(x, ("batch", "video_tokens", "embed"))
+        x = constrain(x, ("activation_batch", "activation_video_tokens", "activation_embed"))
         temb = self.time_text_embed(timestep, pooled.astype(cfg.jnp_dtype))
-        c = constrain(self.context_embedder(context), ("batch", "text_tokens", "embed"))
+        c = constrain(self.context_embedder(context), ("activation_batch", "activation_text_tokens", "activation_embed"))
         x, c = self._run_blocks(x, c, temb, img_valid)
         x, _ = self.final_block(x, c, temb, img_valid)
         x = self.proj_out(self.norm_out(x, temb))[:, :n_tok]  # (B, t*h*w, p*p*C)

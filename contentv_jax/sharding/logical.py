@@ -1,8 +1,11 @@
 """Logical axis names -> mesh axes, and activation sharding constraints.
 
 Parameters and activations are annotated with *logical* axis names (see ``docs/design.md``);
-a rules table maps each logical name to a mesh axis (or a tuple of mesh axes, or ``None`` for
-replicated). This mirrors MaxText's ``logical_axis_rules`` and flax's ``nnx.logical_axis_rules``.
+parameter names (``embed``, ``heads``, ``mlp``, ...) and activation names (``activation_batch``,
+``activation_video_tokens``, ``activation_embed``, ...; MaxText's ``activation_*``) are disjoint, so
+a rule for one never moves the other. A rules table maps each logical name to a mesh axis (or a tuple
+of mesh axes, or ``None`` for replicated). This mirrors MaxText's ``logical_axis_rules`` and flax's
+``nnx.logical_axis_rules``; a training config sets it as ``mesh.rules``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,42 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LogicalRules = tuple[tuple[str, Any], ...]
 
+BATCH = "activation_batch"  # the batch dimension of every activation and training batch
+
 # Parameters: shard the model width over `fsdp`, replicate over `data` (HYBRID_SHARD).
 # Activations: batch over (data, fsdp); video tokens over `sequence` (Ulysses).
 DEFAULT_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
-    ("video_tokens", "sequence"),
+    (BATCH, ("data", "fsdp")),
+    ("activation_video_tokens", "sequence"),
     ("embed", "fsdp"),
 )
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None, mesh_axes: Sequence[str]) -> LogicalRules:
+    """A rules table from config data: ``[[logical name, mesh axis | [mesh axes] | null], ...]``;
+    empty or ``None``: :data:`DEFAULT_RULES`.
+
+    Raises:
+      ValueError: an entry that is not a pair, a name that is not a string, or a mesh axis not in ``mesh_axes``.
+    """
+    if not rules:
+        return DEFAULT_RULES
+    out = []
+    for i, entry in enumerate(rules):
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"rule {i}: expected [logical name, mesh axis or list of mesh axes or null], got {entry!r}")
+        name, target = entry
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        bad = [a for a in axes if a not in mesh_axes]
+        if bad:
+            raise ValueError(f"rule {i} ({name!r}): mesh axes {bad} are not among {tuple(mesh_axes)}")
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(out)
+
+
+def batch_spec(rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` of a batch's leading dimension under ``rules`` (its :data:`BATCH` rule)."""
+    return logical_to_spec((BATCH,), rules)
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, LogicalRules] | None] = contextvars.ContextVar(
     "contentv_jax_sharding", default=None

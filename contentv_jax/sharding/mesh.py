@@ -20,6 +20,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from contentv_jax.sharding.logical import rules_from_config
+
 AXES = ("data", "fsdp", "sequence")
 
 
@@ -48,6 +50,9 @@ class MeshConfig:
 
     ``data``, ``fsdp``, ``sequence`` are the total axis sizes. ``dcn_*`` (default 1) are the parts of
     each that span slices/hosts over the data-center network; each must divide its total.
+    ``rules``: the logical-axis rules, ``[[logical name, mesh axis | [mesh axes] | null], ...]``
+    (e.g. ``[[activation_batch, [data, fsdp]], [activation_video_tokens, sequence], [embed, fsdp]]``);
+    empty: ``contentv_jax.sharding.logical.DEFAULT_RULES``.
     """
 
     data: int = 1
@@ -56,6 +61,15 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_sequence: int = 1
+    rules: list = dataclasses.field(default_factory=list)
+
+    def logical_rules(self):
+        """``rules`` as a ``LogicalRules`` table (``DEFAULT_RULES`` when empty).
+
+        Raises:
+          ValueError: a malformed rule, or a mesh axis other than data / fsdp / sequence.
+        """
+        return rules_from_config(self.rules, AXES)
 
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         """Total axis sizes for ``num_devices`` devices.

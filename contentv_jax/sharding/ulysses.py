@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, active, spec_for
+from contentv_jax.sharding.logical import BATCH, DEFAULT_RULES, LogicalRules, active, spec_for
 
 AXIS = "sequence"
 
@@ -39,7 +39,7 @@ _pad = pad_axis
 
 def batch_axes(mesh: Mesh, rules: LogicalRules, batch: int) -> tuple[str, ...]:
     """The mesh axes the rules put ``batch`` on (as :func:`logical.spec_for` places a batch of that size)."""
-    entry = spec_for((batch,), ("batch",), mesh, rules)[0]
+    entry = spec_for((batch,), (BATCH,), mesh, rules)[0]
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
     if AXIS in axes:
         raise ValueError(f"ulysses: the rules put the batch on {AXIS!r}, which Ulysses needs for tokens")

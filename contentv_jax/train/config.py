@@ -244,6 +244,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.logging.every < 1:
         err("logging.every", f"must be >= 1, got {cfg.logging.every}")
+    try:
+        cfg.mesh.logical_rules()
+    except ValueError as e:
+        err("mesh.rules", str(e))
     for key, v in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.sequence", cfg.mesh.sequence)):
         if v < 1 and v != -1:
             err(key, f"must be >= 1 or -1, got {v}")

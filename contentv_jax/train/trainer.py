@@ -22,15 +22,18 @@ Checkpoints are written by all processes through Orbax.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -43,7 +46,8 @@ from contentv_jax.dtypes import DTYPES
 from contentv_jax.data.prepare import prepare as prepare_data
 from contentv_jax.scheduler import sample_training_sigmas
 from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice
-from contentv_jax.sharding.logical import activation_sharding
+from contentv_jax.sharding.init import create_sharded, state_shardings
+from contentv_jax.sharding.logical import activation_sharding, batch_spec
 from contentv_jax.sharding.mesh import create_mesh
 from contentv_jax.train import loss as fm
 from contentv_jax.train.checkpoint import TrainCheckpointer
@@ -59,6 +63,19 @@ from contentv_jax.train.optim import ema_update, global_norm, learning_rate_sche
 # ----------------------------------------------------------------------------- helpers
 
 
+@dataclasses.dataclass
+class TrainState:
+    """What :meth:`Trainer._init_state` builds: the model's ``graphdef``, its non-parameter state
+    ``rest`` (replicated), the parameters' abstract ``template`` (``nnx.State`` of ShapeDtypeStructs),
+    the step's ``state`` dict (``step``, ``rng``, ``params``, ``opt_state``, ``ema``) and its ``shardings``."""
+
+    graphdef: Any
+    rest: Any
+    template: Any
+    state: dict
+    shardings: dict
+
+
 def latent_tokens(latents_shape) -> int:
     """Video tokens of a (B, T, H, W, C) latent batch after the 1x2x2 patchify."""
     b, t, h, w, _ = latents_shape
@@ -68,22 +85,6 @@ def latent_tokens(latents_shape) -> int:
 def _atomic_write(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
-
-
-# ----------------------------------------------------------------------------- sharding
-
-
-def _match_tree(opt_abstract, params_treedef, param_sh, replicated):
-    """Shardings for an optax state: subtrees shaped like the params get the params' shardings."""
-    if jax.tree.structure(opt_abstract) == params_treedef:
-        return param_sh
-    if isinstance(opt_abstract, tuple) and hasattr(opt_abstract, "_fields"):
-        return type(opt_abstract)(*[_match_tree(x, params_treedef, param_sh, replicated) for x in opt_abstract])
-    if isinstance(opt_abstract, (tuple, list)):
-        return type(opt_abstract)(_match_tree(x, params_treedef, param_sh, replicated) for x in opt_abstract)
-    if isinstance(opt_abstract, dict):
-        return {k: _match_tree(v, params_treedef, param_sh, replicated) for k, v in opt_abstract.items()}
-    return jax.tree.map(lambda _: replicated, opt_abstract)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -167,6 +168,8 @@ class Trainer:
             self.mesh = create_mesh(cfg.mesh, self.devices)
         except ValueError as e:
             raise ConfigError(f"config key 'mesh': {e}") from None
+        self.rules = cfg.mesh.logical_rules()
+        self.batch_spec = batch_spec(self.rules)  # batch rows as the rules place activation_batch
         shard = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.batch_multiple = math.lcm(shard, jax.process_count())
         b = cfg.buckets
@@ -198,65 +201,54 @@ class Trainer:
     def _build_model(self, mc, source):
         """The model with its parameters in their shardings on the mesh (float32 master weights)."""
         from contentv_jax.models import transformer as T
-        from contentv_jax.sharding.init import create_sharded, state_shardings
 
         seed = self.cfg.seed
         if source == "random":
-            return create_sharded(lambda: T.MMDiT(mc, rngs=nnx.Rngs(seed)), self.mesh)
+            return create_sharded(lambda: T.MMDiT(mc, rngs=nnx.Rngs(seed)), self.mesh, self.rules)
         if source == "ours":
-            return checkpoints.load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
+            return checkpoints.load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh, self.rules)
         model = checkpoints.load_transformer(
             self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
         )
         graphdef, state = nnx.split(model)
-        sh = state_shardings(state, self.mesh)
+        sh = state_shardings(state, self.mesh, self.rules)
         state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, sh)
         return nnx.merge(graphdef, state)
 
     # -- state
-    def _init_state(self, model_config, source, tx):
-        from contentv_jax.sharding.init import state_shardings
-
-        cfg = self.cfg
-        model = self._build_model(model_config, source)
+    def _init_state(self, tx) -> TrainState:
+        """The model built into its shardings, split into the pure float32 parameters the step updates
+        and the rest; the optimizer state sharded like the parameters it tracks (``optax.tree_map_params``)."""
+        model = self._build_model(self.model_config, self.model_source)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh))
-        self.param_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
         pure = nnx.to_pure_dict(params)
         if any(x.dtype != jnp.float32 for x in jax.tree.leaves(pure)):
             raise ValueError("master weights must be float32 (model param_dtype)")
+        p_sh = nnx.to_pure_dict(state_shardings(params, self.mesh, self.rules))
         repl = NamedSharding(self.mesh, PartitionSpec())
-        rest = jax.device_put(rest, repl)
-        opt_abstract = jax.eval_shape(tx.init, pure)
-        opt_sh = _match_tree(opt_abstract, jax.tree.structure(pure), p_sh, repl)
+        opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, pure), p_sh,
+                                       transform_non_params=lambda _: repl)
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(pure)
+        ema = self.cfg.optimizer.ema_decay > 0
         state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-            "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), repl),
+            "rng": jax.device_put(jax.random.key_data(jax.random.key(self.cfg.seed)), repl),
             "params": pure,
             "opt_state": opt_state,
-            "ema": jax.tree.map(jnp.copy, pure) if cfg.optimizer.ema_decay > 0 else None,
+            "ema": jax.tree.map(jnp.copy, pure) if ema else None,
         }
-        state_sh = {
-            "step": repl,
-            "rng": repl,
-            "params": p_sh,
-            "opt_state": opt_sh,
-            "ema": p_sh if cfg.optimizer.ema_decay > 0 else None,
-        }
-        return graphdef, rest, template, state, state_sh, model_config
-
-    BATCH_SPEC = PartitionSpec(("data", "fsdp"))  # batch rows over (data, fsdp), replicated over sequence
+        shardings = {"step": repl, "rng": repl, "params": p_sh, "opt_state": opt_sh, "ema": p_sh if ema else None}
+        return TrainState(graphdef, jax.device_put(rest, repl), template, state, shardings)
 
     def _batch_sharding(self):
-        sh = NamedSharding(self.mesh, self.BATCH_SPEC)
+        sh = NamedSharding(self.mesh, self.batch_spec)
         return {"latents": sh, "prompt_embeds": sh, "pooled": sh}
 
     def host_rows(self, global_batch_size: int) -> slice:
         """The rows of a global batch this process's devices hold (and so the rows its data loader reads)."""
-        return local_batch_slice(global_batch_size, self.mesh, self.BATCH_SPEC)
+        return local_batch_slice(global_batch_size, self.mesh, self.batch_spec)
 
     def prepare(self):
         """Write the resolved config; then ``contentv_jax.data.prepare``: unless the encoded cache is complete
@@ -291,19 +283,19 @@ class Trainer:
         self.data_iter = self._batches(encoded)
         empty_ctx, empty_pooled = self.data_iter.null_text()
         self.tx = make_optimizer(cfg.optimizer)
-        graphdef, rest, template, state, state_sh, _ = self._init_state(model_config, source, self.tx)
-        self.state, self.state_sh, self.template = state, state_sh, template
-        self.graphdef, self.rest = graphdef, rest
+        init = self._init_state(self.tx)
+        self.graphdef, self.rest, self.template = init.graphdef, init.rest, init.template
+        self.state, self.state_sh = init.state, init.shardings
         repl = NamedSharding(self.mesh, PartitionSpec())
         step_fn = make_train_step(
-            graphdef, template, rest, self.tx, cfg, jax.device_put(jnp.asarray(empty_ctx[0]), repl),
+            self.graphdef, self.template, self.rest, self.tx, cfg, jax.device_put(jnp.asarray(empty_ctx[0]), repl),
             jax.device_put(jnp.asarray(empty_pooled[0]), repl),
         )
         self.batch_sh = self._batch_sharding()
         self._step = jax.jit(
             step_fn,
-            in_shardings=(state_sh, self.batch_sh),
-            out_shardings=(state_sh, None),
+            in_shardings=(self.state_sh, self.batch_sh),
+            out_shardings=(self.state_sh, None),
             donate_argnums=(0,),
         )
         self.ckpt = TrainCheckpointer(
@@ -322,7 +314,7 @@ class Trainer:
         """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
         ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards)."""
         weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
-        state = jax.tree.map(lambda v: v, self.param_state)
+        state = jax.tree.map(lambda v: v, self.template)
         nnx.replace_by_pure_dict(state, weights)
         model_state = nnx.state(nnx.merge(self.graphdef, state, self.rest))
         checkpoints.export_checkpoint(dst, model_state, self.model_config.to_dict())
@@ -332,11 +324,11 @@ class Trainer:
         sharded over (data, fsdp). With one process ``local`` is the whole batch."""
         rows = local.get("global_batch_size")
         arrays = {k: np.asarray(local[k]) for k in ("latents", "prompt_embeds", "pooled")}
-        return global_batch(arrays, self.mesh, self.BATCH_SPEC, global_batch_size=rows)
+        return global_batch(arrays, self.mesh, self.batch_spec, global_batch_size=rows)
 
     def train_step(self, batch: dict):
         """Run one compiled step on a global batch; returns host metrics (a dict of floats)."""
-        with jax.set_mesh(self.mesh), activation_sharding(self.mesh):
+        with jax.set_mesh(self.mesh), activation_sharding(self.mesh, self.rules):
             self.state, metrics = self._step(self.state, batch)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
