@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
     # against each library's own GEMM rate at the model's FFN shape (the largest matmul).
     from bench.scale_plan import closed_form_flops
 
-    cf = closed_form_flops(jmodel.cfg, 320, 333, 1)
-    m, k, n = 320 + 333, jmodel.cfg.width, jmodel.cfg.ffn_dim
+    cf = closed_form_flops(jmodel.config, 320, 333, 1)
+    m, k, n = 320 + 333, jmodel.config.width, jmodel.config.ffn_dim
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
     ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
     jdot = jax.jit(jnp.dot)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from contentv_jax.atomic import commit_dir, tmp_sibling
 from contentv_jax.config import ConfigError
+from contentv_jax.dtypes import to_dtype
 from contentv_jax.sharding.distributed import run_on_main_then_all
 from contentv_jax.sharding.init import abstract_sharded
 from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules
@@ -248,23 +249,24 @@ def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param
         model = conv.load_diffusers(path, dtype=dtype or "float32", **overrides)
     else:
         raise FileNotFoundError(f"{path}: neither a diffusers transformer directory nor a contentv-jax checkpoint")
-    if param_dtype is not None and param_dtype != model.cfg.param_dtype:
+    if param_dtype is not None and param_dtype != model.config.param_dtype:
         target = DTYPES[param_dtype]
         graphdef, state = nnx.split(model)
         state = jax.tree.map(lambda a: a.astype(target), state)
         model = nnx.merge(graphdef, state)
-        model.cfg = model.cfg.replace(param_dtype=param_dtype)
+        model.config = model.config.replace(param_dtype=param_dtype)
     return model
 
 
-def load_vae(path: str | os.PathLike, *, dtype=jnp.float32):
+def load_vae(path: str | os.PathLike, *, param_dtype="float32"):
     """Load a ``WanVAE`` from a diffusers-format VAE directory or our (Orbax) checkpoint.
 
     Args:
       path: a directory with ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (diffusers
         ``AutoencoderKLWan.save_pretrained``), or a checkpoint written by
         ``python -m converters.from_diffusers --component vae``.
-      dtype: parameter dtype of the returned model.
+      param_dtype: the parameters' dtype (a name of ``contentv_jax.dtypes.DTYPES`` or a dtype), as
+        ``param_dtype`` in :func:`load_transformer`; the VAE computes in its input's dtype.
     Raises:
       FileNotFoundError: ``path`` is not a directory.
       ValueError: neither format, or tensors missing / unexpected / mis-shaped
@@ -273,6 +275,7 @@ def load_vae(path: str | os.PathLike, *, dtype=jnp.float32):
     from contentv_jax.models.vae import VAEConfig, abstract_vae
     from converters import vae as vae_conv
 
+    dtype = to_dtype(param_dtype, "load_vae: param_dtype")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_vae: {path!r} is not a directory")
@@ -285,7 +288,7 @@ def load_vae(path: str | os.PathLike, *, dtype=jnp.float32):
     if is_diffusers_dir(path):
         cfg_dict, tensors = open_diffusers_dir(path)
         config = VAEConfig.from_diffusers(cfg_dict)
-        return vae_conv.model_from_tensors(config, tensors, dtype=dtype)
+        return vae_conv.model_from_tensors(config, tensors, param_dtype=dtype)
     raise ValueError(
         f"load_vae: {path!r} is neither a diffusers VAE directory (config.json + diffusion_pytorch_model*.safetensors) "
         "nor a contentv-jax checkpoint"

@@ -249,7 +249,7 @@ def denoise(
       embeds: text conditioning with batch B (the negative pair needed when ``guidance_scale > 1``).
       sigmas: (N + 1,) float32 schedule from :func:`contentv_jax.scheduler.sampling_sigmas`.
       guidance_scale: CFG weight g; guidance runs when g > 1 (as diffusers' ``do_classifier_free_guidance``).
-      dtype: dtype the text context goes in as (None: the model's compute dtype ``model.cfg.dtype``, else
+      dtype: dtype the text context goes in as (None: the model's compute dtype ``model.config.dtype``, else
         float32). Parameters are used as they are stored.
       mesh: if given, parameters are sharded by their logical names and activations constrained by
         ``contentv_jax.sharding.logical.DEFAULT_RULES`` (``sequence`` > 1 runs Ulysses attention).
@@ -262,7 +262,7 @@ def denoise(
         raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
     guidance = guidance_scale > 1.0
     if dtype is None:
-        dtype = getattr(getattr(model, "cfg", None), "dtype", None) or jnp.float32
+        dtype = getattr(getattr(model, "config", None), "dtype", None) or jnp.float32
     dtype = jnp.dtype(dtype)
     if guidance:
         context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)

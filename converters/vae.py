@@ -95,7 +95,7 @@ def _pure_state(config, tensors: Mapping[str, common.LazyTensor], *, what: str, 
     return pure
 
 
-def model_from_tensors(config, tensors: Mapping[str, common.LazyTensor], *, dtype=None, what: str = "VAE checkpoint"):
+def model_from_tensors(config, tensors: Mapping[str, common.LazyTensor], *, param_dtype=None, what: str = "VAE checkpoint"):
     """Build a :class:`WanVAE` from diffusers-named tensors (``LazyTensor`` s), checked first.
 
     Raises:
@@ -106,7 +106,7 @@ def model_from_tensors(config, tensors: Mapping[str, common.LazyTensor], *, dtyp
 
     from contentv_jax.models.vae import abstract_vae
 
-    dtype = jnp.dtype(dtype or jnp.float32)
+    dtype = jnp.dtype(param_dtype or jnp.float32)
     pure = _pure_state(config, tensors, what=what, dtype=dtype)
     graphdef, state = nnx.split(abstract_vae(config, dtype))
     nnx.replace_by_pure_dict(state, _tree_asarray(pure))

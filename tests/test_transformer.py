@@ -87,7 +87,7 @@ def test_load_diffusers_dir_directly_and_remat_grad(tiny):
 
     def grads(policy):
         m = nnx.clone(a)
-        m.cfg = a.cfg.replace(remat_policy=policy)
+        m.config = a.config.replace(remat_policy=policy)
         loss = lambda m: jnp.mean(m(*args) ** 2)  # noqa: E731
         return nnx.jit(nnx.grad(loss))(m)
 

@@ -16,6 +16,7 @@ tensor names are those of ContentV-8B and SD3.5 Large (without SD3.5's 2D ``pos_
 
 from __future__ import annotations
 
+import einops
 import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
@@ -46,9 +47,8 @@ class PatchEmbed3D(nn.Module):
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"latent height and width {h}x{w} must be multiples of the patch size {p}")
-        x = latents.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        x = self.proj(x)  # (B*T, D, H/p, W/p)
-        x = x.reshape(b, t, self.embed_dim, h // p, w // p).permute(0, 1, 3, 4, 2).reshape(b, -1, self.embed_dim)
+        x = self.proj(einops.rearrange(latents, "b c t h w -> (b t) c h w"))  # (B*T, D, H/p, W/p)
+        x = einops.rearrange(x, "(b t) d h w -> b (t h w) d", b=b)
         pos = get_3d_sincos_pos_embed(
             embed_dim=self.embed_dim,
             spatial_size=(w // p, h // p),
@@ -114,11 +114,9 @@ class SD3Transformer3DModel(SD3Transformer2DModel):
 
     def unpatchify(self, x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
         """``(B, T*h*w, p*p*C)`` -> ``(B, C, T, h*p, w*p)`` (``b (t h w) (p q c) -> b c t (h p) (w q)``)."""
-        b = x.shape[0]
         p = self.config.patch_size
         h, w = height // p, width // p
-        x = x.reshape(b, frames, h, w, p, p, self.out_channels)
-        return x.permute(0, 6, 1, 2, 4, 3, 5).reshape(b, self.out_channels, frames, h * p, w * p)
+        return einops.rearrange(x, "b (t h w) (p q c) -> b c t (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)
 
     def forward(
         self,

@@ -30,6 +30,7 @@ import math
 from functools import partial
 from pathlib import Path
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -428,9 +429,9 @@ class PatchEmbed3D(nnx.Module):
     def __call__(self, latents: jax.Array) -> jax.Array:
         b, t, h, w, c = latents.shape
         p = self.patch_size
-        x = latents.astype(self.dtype).reshape(b, t, h // p, p, w // p, p, c)
-        x = jnp.einsum("bthpwqc,pqcd->bthwd", x, self.proj.kernel[...].astype(self.dtype))
-        x = x.reshape(b, t * (h // p) * (w // p), self.width) + self.proj.bias[...].astype(self.dtype)
+        x = einops.rearrange(latents.astype(self.dtype), "b t (h p) (w q) c -> b t h p w q c", p=p, q=p)
+        x = jnp.einsum("bthpwqc,pqcd->bthwd", x, self.proj.kernel[...].astype(self.dtype))  # the 2x2 patch conv
+        x = einops.rearrange(x, "b t h w d -> b (t h w) d") + self.proj.bias[...].astype(self.dtype)
         pos = sincos_pos_embed_3d(self.width, t, h // p, w // p)
         return x + jnp.asarray(pos, self.dtype)[None]
 
@@ -468,8 +469,13 @@ class MMDiT(nnx.Module):
     Raises ValueError for inputs of the wrong rank / width / spatial size.
     """
 
+    @property
+    def cfg(self) -> TransformerConfig:
+        """The same as :attr:`config` (the name ``WanVAE`` and diffusers use); kept for older callers."""
+        return self.config
+
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.config = cfg
         self.pos_embed = PatchEmbed3D(cfg, rngs=rngs)
         self.time_text_embed = TimestepTextEmbedding(cfg, rngs=rngs)
         self.context_embedder = Dense(cfg.joint_attention_dim, cfg.width, ("context_in", "embed"), cfg, rngs=rngs)
@@ -489,7 +495,7 @@ class MMDiT(nnx.Module):
         self.proj_out = Dense(cfg.width, cfg.patch_size**2 * cfg.out_channels, ("embed", "patch_out"), cfg, rngs=rngs)
 
     def _check_inputs(self, latents, timestep, context, pooled):
-        cfg = self.cfg
+        cfg = self.config
         b = latents.shape[0]
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, T, H, W, {cfg.in_channels}), got {latents.shape}")
@@ -517,14 +523,14 @@ class MMDiT(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             return block(carry[0], carry[1], temb, img_valid), None
 
-        if self.cfg.remat_policy != "none":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.cfg.remat_policy], prevent_cse=False)
+        if self.config.remat_policy != "none":
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
         (x, c), _ = jax.lax.scan(step, (x, c), state)
         return x, c
 
     def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
         self._check_inputs(latents, timestep, context, pooled)
-        cfg = self.cfg
+        cfg = self.config
         b, t, h, w, _ = latents.shape
         p = cfg.patch_size
         x = self.pos_embed(latents)
@@ -539,8 +545,7 @@ class MMDiT(nnx.Module):
         x, c = self._run_blocks(x, c, temb, img_valid)
         x, _ = self.final_block(x, c, temb, img_valid)
         x = self.proj_out(self.norm_out(x, temb))[:, :n_tok]  # (B, t*h*w, p*p*C)
-        x = x.reshape(b, t, h // p, w // p, p, p, cfg.out_channels).transpose(0, 1, 2, 4, 3, 5, 6)
-        return x.reshape(b, t, h, w, cfg.out_channels)
+        return einops.rearrange(x, "b (t h w) (p q c) -> b t (h p) (w q) c", t=t, h=h // p, w=w // p, p=p, q=p)
 
 
 def abstract_model(cfg: TransformerConfig) -> MMDiT:

@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -336,12 +337,12 @@ class AttentionBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, cache: _Cache | None = None) -> jax.Array:
         b, t, h, w, c = x.shape
-        y = self.norm(x.reshape(b * t, h, w, c))
-        qkv = self.to_qkv(y).reshape(b * t, h * w, 1, 3 * c)
+        y = self.norm(einops.rearrange(x, "b t h w c -> (b t) h w c"))
+        qkv = einops.rearrange(self.to_qkv(y), "n h w c -> n (h w) 1 c")
         q, k, v = jnp.split(qkv, 3, axis=-1)
         y = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-        y = self.proj(y.reshape(b * t, h, w, c))
-        return y.reshape(b, t, h, w, c) + x
+        y = self.proj(einops.rearrange(y, "n (h w) 1 c -> n h w c", h=h))
+        return einops.rearrange(y, "(b t) h w c -> b t h w c", b=b) + x
 
 
 class Resample(nnx.Module):
@@ -378,17 +379,15 @@ class Resample(nnx.Module):
             else:
                 y, c = self.time_conv(x, old)
                 cache.put(c)
-                b, t, h, w, c2 = y.shape
-                y = y.reshape(b, t, h, w, 2, c2 // 2).transpose(0, 1, 4, 2, 3, 5)
-                x = y.reshape(b, 2 * t, h, w, c2 // 2)
-        b, t, h, w, c = x.shape
-        y = x.reshape(b * t, h, w, c)
+                x = einops.rearrange(y, "b t h w (two c) -> b (t two) h w c", two=2)
+        b = x.shape[0]
+        y = einops.rearrange(x, "b t h w c -> (b t) h w c")
         if self.mode.startswith("upsample"):
             y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)  # nearest-exact x2
         else:
             y = jnp.pad(y, ((0, 0), (0, 1), (0, 1), (0, 0)))  # nn.ZeroPad2d((0, 1, 0, 1))
         y = self.resample(y)
-        x = y.reshape(b, t, *y.shape[1:])
+        x = einops.rearrange(y, "(b t) h w c -> b t h w c", b=b)
         if self.mode == "downsample3d":
             old = cache.take()
             last = x[:, -1:]
