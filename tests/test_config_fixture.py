@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from contentv_jax.train.config import load_train_config
+from tests.fixtures.resolved_configs_gen import flat
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "resolved_configs.json").read_text())
@@ -33,16 +34,6 @@ _LATENT = ("model.latent_channels", 0, 16,
 FIXED: dict[str, dict[str, tuple]] = {
     name: {_LATENT[0]: _LATENT[1:]} for name in ("sft.yaml", "stage1.yaml", "stage2.yaml", "stage3.yaml", "vae_adaptation.yaml")
 }
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def test_fixture_covers_every_stage_yaml():
