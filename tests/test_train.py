@@ -38,9 +38,18 @@ TINY = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Overrides that point a run at one shared set of tiny assets and one encoded synthetic dataset."""
+    from contentv_jax.encode.__main__ import main as encode_main
+
     run = tmp_path_factory.mktemp("base")
+    # `python -m contentv_jax.encode --config` and the trainer's prepare read the same keys (one
+    # function, data.prepare): the trainer finds the CLI's cache complete and does not re-encode.
+    stats = encode_main(["--config", str(ROOT / "configs" / "train" / "tiny.yaml"), *TINY, f"run_dir={run}"])
+    assert stats["records"] > 0, stats
+    index = run / "encoded" / "index.json"
+    written = index.stat().st_mtime_ns
     cfg = load_train_config(None, TINY + [f"run_dir={run}"])
     Trainer(cfg, devices=jax.devices()[:1]).prepare()
+    assert index.stat().st_mtime_ns == written
     return TINY + [
         f"text.path={run / 'assets' / 'text'}",
         f"vae.path={run / 'assets' / 'vae'}",
