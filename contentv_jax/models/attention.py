@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contentv_jax.sharding import logical, ulysses
+from contentv_jax.sharding.ulysses import pad_axis
+
 KERNELS = ("xla", "cudnn", "splash", "chunked")
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -91,15 +94,6 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_length: int | 
         s = jnp.where(jnp.arange(k.shape[1]) < kv_length, s, _NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bnkd->bnqd", p, vt).transpose(0, 2, 1, 3).astype(q.dtype)
-
-
-def pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
-    """Zero-pad ``x`` along ``axis`` up to length ``to`` (no-op when already that long)."""
-    if x.shape[axis] == to:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, to - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def _scores(qb, kb, ok):
@@ -295,8 +289,6 @@ def joint_attention(
         raise ValueError(f"joint_attention: image {q_img.shape} and text {q_txt.shape} differ in batch/heads/head_dim")
     if img_valid is not None and not 0 < img_valid <= q_img.shape[1]:
         raise ValueError(f"joint_attention: img_valid must be in [1, {q_img.shape[1]}], got {img_valid}")
-
-    from contentv_jax.sharding import logical, ulysses
 
     ctx = logical.active()
     if ctx is not None and ctx[0].shape.get("sequence", 1) > 1:
