@@ -6,7 +6,12 @@ latents 5 x 16 x 16 x 16 (320 video tokens), 333 context tokens, batch 1. Both r
 repeats interleaved; the JAX
 compile time is reported apart. Prints a table, then one JSON line as the last line.
 
-Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N]``
+``--dtype bfloat16`` runs both in bfloat16 compute with float32 master weights, as the trainer does: JAX with
+the model's ``dtype="bfloat16"`` (parameters stay float32 and are cast at each matmul; AdamW on float32), torch
+under ``torch.autocast("cpu", torch.bfloat16)`` (float32 parameters and AdamW). The achieved rates are also given
+over the machine's measured GEMM peak for the dtype (``bench/roofline.py``).
+
+Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N] [--dtype float32|bfloat16]``
 """
 
 from __future__ import annotations
@@ -47,7 +52,15 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (weights float32)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the GEMM peak measurement")
     args = p.parse_args(argv)
+    import contextlib
+    import os
+
+    load0 = os.getloadavg()
+    bf16 = args.dtype == "bfloat16"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -70,7 +83,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmodel.save_pretrained(Path(d) / "diffusers")
         from_diffusers("transformer", Path(d) / "diffusers", Path(d) / "ours")
-        jmodel = load_transformer(Path(d) / "ours")
+        jmodel = load_transformer(Path(d) / "ours", dtype=args.dtype, param_dtype="float32")
 
     # ---- torch
     tx = {
@@ -83,24 +96,27 @@ def main(argv=None) -> dict:
     topt = torch.optim.AdamW(tmodel.parameters(), lr=1e-5)
 
     def torch_fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             return tmodel(**tx).sample
 
     def torch_step():
         topt.zero_grad(set_to_none=True)
-        loss = torch.mean((tmodel(**tx).sample - ttarget) ** 2)
+        with autocast():
+            loss = torch.mean((tmodel(**tx).sample.float() - ttarget) ** 2)
         loss.backward()
         topt.step()
         return loss
 
     # ---- jax
     jx = {k: jnp.asarray(v) for k, v in x.items()}
+    if bf16:  # the conditioning goes in at the compute dtype, as the trainer feeds it
+        jx["context"], jx["pooled"] = jx["context"].astype(jnp.bfloat16), jx["pooled"].astype(jnp.bfloat16)
     fwd = nnx.jit(lambda m, a, b, c, d: m(a, b, c, d))
     jopt = nnx.Optimizer(jmodel, optax.adamw(1e-5), wrt=nnx.Param)
 
     @nnx.jit
     def train_step(m, opt, a, b, c, d, target):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(a, b, c, d) - target) ** 2))(m)
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(a, b, c, d).astype(jnp.float32) - target) ** 2))(m)
         opt.update(m, grads)
         return loss
 
@@ -133,10 +149,18 @@ def main(argv=None) -> dict:
     cf = closed_form_flops(jmodel.config, 320, 333, 1)
     m, k, n = 320 + 333, jmodel.config.width, jmodel.config.ffn_dim
     a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32)
-    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    ja, jb = jnp.asarray(a, args.dtype), jnp.asarray(b, args.dtype)
+    ta, tb = torch.from_numpy(a).to(getattr(torch, args.dtype)), torch.from_numpy(b).to(getattr(torch, args.dtype))
     jdot = jax.jit(jnp.dot)
     jdot(ja, jb).block_until_ready()
-    gemm = _side_by_side({"torch": lambda: torch.mm(ta, tb), "jax": lambda: jdot(ja, jb).block_until_ready()}, 20)
+    gemm = _side_by_side({"torch": lambda: torch.mm(ta, tb), "jax": lambda: jdot(ja, jb).block_until_ready()}, 20 if not bf16 else 3)
+    load1 = os.getloadavg()
+    if args.no_roofline:
+        peak = (float("nan"), "not measured")
+    else:
+        from bench.roofline import measured_peak
+
+        peak = measured_peak(args.dtype, 1024)
     gemm_gflops = {kk: 2 * m * k * n / v / 1e9 for kk, v in gemm.items()}
     rates = {
         "forward_flops": cf["forward"], "train_step_flops": cf["model_train"],
@@ -145,12 +169,17 @@ def main(argv=None) -> dict:
         "torch_train_step_gflops": cf["model_train"] / res["torch_train_step_s"] / 1e9,
         "jax_train_step_gflops": cf["model_train"] / res["jax_train_step_s"] / 1e9,
         "torch_gemm_gflops": gemm_gflops["torch"], "jax_gemm_gflops": gemm_gflops["jax"], "gemm_shape": [m, k, n],
+        "roofline_gflops": peak[0], "roofline_by": peak[1],
     }
+    rates["jax_train_step_of_roofline"] = rates["jax_train_step_gflops"] / peak[0]
+    rates["torch_train_step_of_roofline"] = rates["torch_train_step_gflops"] / peak[0]
     out = {
         "bench": "transformer",
         "rates": rates,
         "config": {"layers": args.layers, "heads": 8, "head_dim": 64, "latents": [5, 16, 16, 16], "video_tokens": 320,
-                   "context_tokens": 333, "batch": 1, "dtype": "float32"},
+                   "context_tokens": 333, "batch": 1, "dtype": args.dtype,
+                   "param_dtype": "float32"},
+        "loadavg_before": load0, "loadavg_after": load1,
         "jax_device": str(jax.devices()[0].platform),
         "jax_ratio_train_step": round(res["jax_train_step_s"] / res["torch_train_step_s"], 3),
         "torch_threads": torch.get_num_threads(),
@@ -162,7 +191,7 @@ def main(argv=None) -> dict:
         "train_step_speedup": round(res["torch_train_step_s"] / res["jax_train_step_s"], 3),
     }
     print(f"transformer {args.layers} layers, 8 heads x 64, latents 5x16x16x16 (320 video tokens), 333 context tokens, "
-          f"batch 1, float32; JAX on {out['jax_device']}, torch {out['torch_threads']} threads; median of {args.repeats}")
+          f"batch 1, {args.dtype} compute, float32 weights; JAX on {out['jax_device']}, torch {out['torch_threads']} threads; median of {args.repeats}")
     print(f"{'':14s}{'torch (s)':>12s}{'jax (s)':>12s}{'jax/torch':>11s}{'jax compile (s)':>18s}")
     for name, key, comp in (("forward", "forward", compile_fwd), ("train step", "train_step", compile_step)):
         t, j = res[f"torch_{key}_s"], res[f"jax_{key}_s"]
@@ -172,6 +201,9 @@ def main(argv=None) -> dict:
     print(f"{'forward':18s}{rates['torch_forward_gflops']:10.1f}{rates['jax_forward_gflops']:10.1f}")
     print(f"{'train step':18s}{rates['torch_train_step_gflops']:10.1f}{rates['jax_train_step_gflops']:10.1f}")
     print(f"{'GEMM %dx%dx%d' % (m, k, n):18s}{gemm_gflops['torch']:10.1f}{gemm_gflops['jax']:10.1f}")
+    print(f"roofline ({args.dtype} GEMM peak, bench/roofline.py): {peak[0]:.1f} GFLOP/s ({peak[1]}); train step "
+          f"achieved/roofline: torch {rates['torch_train_step_of_roofline']:.2f}, jax {rates['jax_train_step_of_roofline']:.2f}")
+    print(f"load average before {tuple(round(v, 2) for v in load0)}, after {tuple(round(v, 2) for v in load1)}")
     print(json.dumps(out))
     return out
 

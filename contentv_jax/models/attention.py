@@ -6,7 +6,9 @@ attention runs over the concatenation ``[image tokens ; text tokens]``.
 
 Kernels (:data:`KERNELS`):
 
-- ``xla``: ``jax.nn.dot_product_attention(implementation="xla")``, the reference; any backend.
+- ``xla``: plain softmax attention in XLA, heads-major (:func:`xla_attention`; the math of
+  ``jax.nn.dot_product_attention(implementation="xla")``: float32 logits and softmax, probabilities cast
+  to the value dtype); any backend.
 - ``cudnn``: cuDNN flash attention through ``jax.nn.dot_product_attention``; GPU only, float16/bfloat16.
 - ``splash``: Pallas splash attention (``jax.experimental.pallas.ops.tpu.splash_attention``); compiled
   on TPU, run in Pallas interpret mode elsewhere (slow: for tests only).
@@ -67,13 +69,31 @@ def dot_product_attention(
                 raise ValueError(f"attention kernel 'cudnn' needs a GPU backend, not {jax.default_backend()!r}")
             if q.dtype not in (jnp.float16, jnp.bfloat16):
                 raise ValueError(f"attention kernel 'cudnn' needs float16/bfloat16 inputs, got {q.dtype}")
-        lengths = None if kv_length is None else jnp.full((q.shape[0],), kv_length, jnp.int32)
-        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=kernel)
+            lengths = None if kv_length is None else jnp.full((q.shape[0],), kv_length, jnp.int32)
+            return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=kernel)
+        return xla_attention(q, k, v, kv_length=kv_length)
     if kernel == "chunked":
         return chunked_attention(q, k, v, kv_length=kv_length)
     if kernel == "splash":
         return splash_attention(q, k, v, kv_length=kv_length)
     raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_length: int | None = None) -> jax.Array:
+    """Softmax attention with the heads axis moved in front: q (B, Sq, N, D), k, v (B, Sk, N, D) -> (B, Sq, N, D).
+
+    The same math as ``jax.nn.dot_product_attention(implementation="xla")`` (logits accumulated and
+    soft-maxed in float32, probabilities cast to ``v``'s dtype for the second product), written as
+    (B, N, S, D) batched matmuls: XLA:CPU then runs both products as plain batched GEMMs, with no
+    transposed copy of the (Sq, Sk) probabilities between them (2.4x less CPU time than
+    ``jax.nn.dot_product_attention`` at 653 tokens, 4 heads x 16). Keys ``>= kv_length`` are masked out.
+    """
+    qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    s = jnp.einsum("bnqd,bnkd->bnqk", qt, kt, preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    if kv_length is not None:
+        s = jnp.where(jnp.arange(k.shape[1]) < kv_length, s, _NEG)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bnkd->bnqd", p, vt).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def _scores(qb, kb, ok):
