@@ -105,3 +105,19 @@ def tiny_tokenizer(dst: Path):
     tok = CLIPTokenizer(str(dst / "vocab.json"), str(dst / "merges.txt"), pad_token="<|endoftext|>")
     tok.save_pretrained(str(dst))
     return tok
+
+
+def jitted(model):
+    """``(score(frames, ids) -> (B,), grad(frames, ids) -> d sum(score) / d frames)``, both jitted (eager
+    op-by-op dispatch of the unrolled towers is what makes an un-jitted test slow)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    def score(state, frames, ids):
+        return nnx.merge(graphdef, state)(frames, ids)
+
+    s = jax.jit(score)
+    g = jax.jit(jax.grad(lambda st, f, i: score(st, f, i).sum(), argnums=1))
+    return (lambda f, i: s(state, f, i)), (lambda f, i: g(state, f, i))
