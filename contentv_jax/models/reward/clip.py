@@ -99,6 +99,8 @@ class CLIPConfig:
                 raise ValueError(
                     f"{name}: hidden_size {c.hidden_size} is not a multiple of num_attention_heads {c.num_attention_heads}"
                 )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype: expected 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.text_config.pool not in ("argmax", "eos"):
             raise ValueError(f"text_config.pool: expected 'argmax' or 'eos', got {self.text_config.pool!r}")
 
@@ -116,7 +118,9 @@ class CLIPConfig:
         t = {k: t[k] for k in tf if k in t}
         if "pool" not in t:
             t["pool"] = "argmax" if t.get("eos_token_id", 2) == 2 else "eos"
-        kw = {k: d[k] for k in ("projection_dim", "logit_scale_init_value", "dtype") if k in d}
+        kw = {k: d[k] for k in ("projection_dim", "logit_scale_init_value") if k in d}
+        if d.get("dtype") in ("float32", "bfloat16", "float16"):  # ours; HF's "dtype" (often None) is the torch dtype
+            kw["dtype"] = d["dtype"]
         return cls(text_config=CLIPTextConfig(**t), vision_config=CLIPVisionConfig(**{k: v[k] for k in vf if k in v}), **kw)
 
     @classmethod
