@@ -207,3 +207,13 @@ def test_load_reward_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         load_reward("mps", tmp_path / "mps.pt")
     assert load_reward("analytic", config={"target": [0.0, 1.0, 0.0]}).model.config.target == (0.0, 1.0, 0.0)
+
+
+def test_models_do_not_import_converters():
+    import subprocess
+    import sys
+
+    code = ("import sys, contentv_jax.models.reward as r; r.build_reward('analytic'); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('converters', 'torch')); print(bad); assert not bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
