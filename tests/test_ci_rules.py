@@ -38,9 +38,9 @@ def _pytest(tmp_path, source: str, **env) -> subprocess.CompletedProcess:
     full |= {"PYTHONPATH": str(ROOT)} | env
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider", "-rs", "test_probe.py"]
     try:
-        return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=300)
+        return subprocess.run(cmd, cwd=tmp_path, env=full, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
-        pytest.fail("the probe pytest run did not finish within 300 s")
+        pytest.fail("the probe pytest run did not finish within 600 s")
 
 
 def test_ci_fails_naming_missing_shared_data_and_skip_reasons(tmp_path):

@@ -420,7 +420,7 @@ def test_contract_select_device_npu_with_stand_in(fake_torch_npu, monkeypatch):
         "print('ok')\n"
     )
     env = {**os.environ, "USE_ASCEND_NPU": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     # in this process: a stand-in with no visible NPU gives one clear error
     fake_torch_npu.npu.is_available = lambda: False
@@ -489,7 +489,7 @@ def test_package_imports_without_torch_npu_or_autoload_flag():
         "print(torch_npu_backend.select_device())\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_DEVICE_BACKEND_AUTOLOAD", "USE_ASCEND_NPU")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() in ("cpu", "cuda")
     sources = "".join(p.read_text() for p in (ROOT / "torch_npu_backend").glob("*.py"))
@@ -565,7 +565,7 @@ def exported_tiny_model(tmp_path_factory):
     save_checkpoint(ours, nnx.state(model), cfg.to_dict())
     result = subprocess.run(
         [sys.executable, "-m", "converters.to_diffusers", "--component", "transformer", "--src", str(ours), "--dst", str(exported)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
     inputs = {
