@@ -27,6 +27,7 @@ if __name__ == "__main__":  # the worker: 4 CPU devices, before JAX loads
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -35,6 +36,9 @@ from contentv_jax.sharding.init import create_sharded  # noqa: E402
 from contentv_jax.sharding.logical import activation_sharding  # noqa: E402
 from contentv_jax.sharding.mesh import MeshConfig, create_mesh  # noqa: E402
 from tests._procs import run_group  # noqa: E402
+
+pytestmark = pytest.mark.slow  # three compiling JAX processes
+
 
 B = 4
 

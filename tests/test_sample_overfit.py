@@ -14,8 +14,12 @@ from pathlib import Path
 import grain
 import jax
 import numpy as np
+import pytest
 
 from contentv_jax import pipeline as pl
+
+pytestmark = pytest.mark.slow  # overfits a model, then samples
+
 
 CLIP = "intel_bottle_hand_6s.mp4"
 

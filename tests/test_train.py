@@ -21,6 +21,9 @@ from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
 from contentv_jax.train.trainer import TEST_SIGNAL_ENV, Trainer
 
+pytestmark = pytest.mark.slow  # several end-to-end training runs (CLI subprocesses)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "buckets.max_frames=5",

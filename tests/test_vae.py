@@ -100,6 +100,7 @@ def _check_encode_decode(ref, ours, x_torch, what):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_config_random_clip_9x64x64(real):
     ref, ours = real
     g = torch.Generator().manual_seed(2)
@@ -134,6 +135,7 @@ def test_real_config_real_video_17x128x128(real, shared_data):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_config_chunked_decode_33_frames(real):
     """9 latent frames -> 33 frames through the scanned chunk loop equals diffusers' per-chunk loop.
 
