@@ -1,19 +1,69 @@
-"""Test setup: 8 simulated CPU devices (set before JAX is imported) and the shared data fixture."""
+"""Test setup: 8 simulated CPU devices (set before JAX is imported), the shared data fixture, and CI rules.
+
+Environment:
+  ``CONTENTV_SHARED_DATA``: the real test data directory (default ``../shared/data`` beside the checkout).
+  ``CI=true`` (as ``.ci/run`` and CI services set it): nothing may skip. A skip of any kind (missing shared
+  data, a ``pytest.skip`` / ``importorskip`` / ``skipif``) is reported as a failure naming what was missing,
+  and the session fails if any test was skipped.
+"""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+_flags = os.environ.get("XLA_FLAGS", "")
+if _DEVICES_FLAG not in _flags:  # keep a caller's other XLA flags; the suite needs its 8 CPU devices
+    os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICES_FLAG}=8".strip()
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+SHARED_DATA = Path(os.environ.get("CONTENTV_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` beside the checkout (tests and benchmarks only; never used by default runs)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    """The real test data (``CONTENTV_SHARED_DATA`` or ``../shared/data`` beside the checkout; tests only).
+
+    Missing: a failure under ``CI=true``, a skip otherwise (a developer's checkout without the data)."""
+    if not (SHARED_DATA / "README.md").is_file():
+        msg = (f"shared test data not found at {SHARED_DATA} (expected its README.md; place ../shared/data beside "
+               "the checkout or set CONTENTV_SHARED_DATA)")
+        if CI:
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
     return SHARED_DATA
+
+
+def _fail_skip(report) -> None:
+    """Under CI a skipped report becomes a failure that names the skip's reason (the missing thing)."""
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where every test must run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = len(terminalreporter.stats.get("skipped", []))
+    terminalreporter.write_line(f"skipped tests: {skipped}")
+    if CI and skipped:
+        terminalreporter.write_line(f"CI=true: {skipped} skipped tests (must be 0)", red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if CI and reporter is not None and reporter.stats.get("skipped") and session.exitstatus == 0:
+        session.exitstatus = 1

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (the test extra)
+import torch  # noqa: E402
 
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402

@@ -1,9 +1,11 @@
 """The encode stage on real clips: records equal an independent recomputation; bad files are skipped and named."""
 
+import io
 import json
 import logging
 import shutil
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,30 @@ from contentv_jax.data.buckets import Bucket
 from _standins import PoolingVAE  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
 SHAPE = dict(fps=8.0, max_frames=9, max_height=64, max_width=64)
+
+
+def _pyav_frames(path) -> np.ndarray:
+    """Every frame of the first video stream, decoded by PyAV to uint8 RGB (T, H, W, 3)."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _pil_resize_crop(frames: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """PIL: each frame resized to ``size`` (width, height), bicubic, then cropped to ``box`` (left, top, right, bottom)."""
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC).crop(box)) for f in frames])
+
+
+@pytest.mark.parametrize("shape,target,size,box", [
+    ((2, 30, 50), (16, 24), (27, 16), (1, 0, 25, 16)),  # wide: scale 16/30, width 26.7 -> 27, crop 1 px left
+    ((2, 50, 30), (24, 16), (16, 27), (0, 1, 16, 25)),  # tall: scale 16/30, height 27, crop 1 px top
+    ((1, 10, 7), (32, 48), (48, 69), (0, 18, 48, 50)),  # upscale: scale 48/7, height 68.6 -> 69, crop 18 px top
+    ((1, 432, 768), (48, 80), (85, 48), (2, 0, 82, 48)),  # the real clips' 16:9 to the 48x80 bucket
+])
+def test_resize_center_crop_matches_pil(shape, target, size, box):
+    frames = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    got = video.resize_center_crop(frames, *target)
+    assert got.shape == (shape[0], *target, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, _pil_resize_crop(frames, size, box))
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +118,11 @@ def test_bad_inputs_skipped_and_named(encoded, capsys):
 def test_records_match_independent_recomputation(encoded, text):
     data, out, stats, captions = encoded
     index = enc.read_index(out)
-    # expected clips: 8 fps clips of 9 frames, back to back, from each real clip's own frame rate
-    expected = {}
-    for f in ("intel_person_walking_8s.mp4", "intel_cars_parking_lot_8s.mp4"):
-        info = video.probe_video(data / f)
-        expected[f] = video.clip_frame_indices(info.num_frames, info.fps, 9, 8.0)
-    n_video = sum(len(v) for v in expected.values())
-    assert len(expected["intel_person_walking_8s.mp4"]) == 7  # 80 frames at 10 fps = 8 s -> 7 clips of 1.125 s
+    # expected clips: 8 fps clips of 9 frames, back to back: 80 frames at 10 fps and 100 at 12.5 fps (PyAV's count)
+    # both give 7 clips (the last needs output frame 62: source frame 77 and 96)
+    expected = {"intel_person_walking_8s.mp4": 7, "intel_cars_parking_lot_8s.mp4": 7}
+    assert [len(_pyav_frames(data / f)) for f in expected] == [80, 100]
+    n_video = 14
     assert index["buckets"]["f9_h48_w80"]["num_records"] == n_video == stats.records_per_bucket["f9_h48_w80"]
     assert index["buckets"]["f1_h64_w64"]["num_records"] == 1
     assert index["buckets"]["f9_h48_w80"]["latent_shape"] == [3, 6, 10, 16]
@@ -110,15 +134,20 @@ def test_records_match_independent_recomputation(encoded, text):
     recs = [enc.decode_record(b) for b in reader.read_all()]
     reader.close()
     assert [(r["meta"]["file"], r["meta"]["clip"]) for r in recs] == [
-        (f, i) for f in expected for i in range(len(expected[f]))
+        (f, i) for f in expected for i in range(expected[f])
     ]
     vae = PoolingVAE()
-    for r in (recs[0], recs[5], recs[-1]):
-        f = r["meta"]["file"]
-        idx = expected[f][r["meta"]["clip"]]
-        assert r["meta"]["frame_indices"] == idx.tolist()
-        frames, _ = video.read_video(data / f)
-        x = video.resize_center_crop(frames[idx], 48, 80).astype(np.float32) / 127.5 - 1
+    # literal references: frame floor(j * src_fps / 8) for output frames j of clip k (j = 9k .. 9k + 8), decoded by
+    # PyAV; 768x432 scaled by 48/432 to 85x48 (PIL bicubic), crop box (left 2, top 0, right 82, bottom 48)
+    literal = {
+        (0, "intel_person_walking_8s.mp4", 0): [0, 1, 2, 3, 5, 6, 7, 8, 10],  # 10 fps
+        (5, "intel_person_walking_8s.mp4", 5): [56, 57, 58, 60, 61, 62, 63, 65, 66],
+        (-1, "intel_cars_parking_lot_8s.mp4", 6): [84, 85, 87, 89, 90, 92, 93, 95, 96],  # 12.5 fps
+    }
+    for (i, f, clip), idx in literal.items():
+        r = recs[i]
+        assert (r["meta"]["file"], r["meta"]["clip"], r["meta"]["frame_indices"]) == (f, clip, idx)
+        x = _pil_resize_crop(_pyav_frames(data / f)[idx], (85, 48), (2, 0, 82, 48)).astype(np.float32) / 127.5 - 1
         ref = np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0]
         assert r["latents"].shape == (3, 6, 10, 16) and r["latents"].dtype == np.float32
         np.testing.assert_allclose(r["latents"], ref, rtol=1e-5, atol=1e-5)
@@ -141,7 +170,7 @@ def test_image_record_is_t1(encoded):
     reader.close()
     assert rec["meta"]["file"] == "square.png" and rec["latents"].shape == (1, 8, 8, 16)
     img = np.asarray(Image.open(data / "square.png").convert("RGB"))[None]
-    x = video.resize_center_crop(img, 64, 64).astype(np.float32) / 127.5 - 1
+    x = _pil_resize_crop(img, (64, 64), (0, 0, 64, 64)).astype(np.float32) / 127.5 - 1  # 60x60 scaled by 64/60
     vae = PoolingVAE()
     np.testing.assert_allclose(rec["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-5)
     assert Bucket.from_key("f1_h64_w64").is_image
@@ -164,6 +193,19 @@ def test_cli(tmp_path, shared_data, text, monkeypatch):
     assert stats.records == 2 and stats.num_skipped == 0
     index = enc.read_index(tmp_path / "out")
     assert index["buckets"]["f9_h48_w80"]["num_records"] == 2 and index["text"]["context_tokens"] == 85
+    # --embeds-dtype float16 took effect: the stored text embeddings are float16 (the latents stay float32)
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(tmp_path / "out" / "f9_h48_w80.array_record"))
+    raw = reader.read_all()[0]
+    reader.close()
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:  # the stored arrays, not decode_record's float32 view
+        stored = {k: z[k] for k in ("latents", "prompt_embeds", "pooled")}
+    assert stored["prompt_embeds"].dtype == stored["pooled"].dtype == np.float16
+    assert stored["latents"].dtype == np.float32
+    e, p = text.encode(["walk"], max_sequence_length=8)
+    np.testing.assert_array_equal(stored["prompt_embeds"], e[0].astype(np.float16))
+    np.testing.assert_array_equal(stored["pooled"], p[0].astype(np.float16))
     with pytest.raises(SystemExit):
         enc.main(["--data", str(tmp_path / "nope"), "--out", "x", "--vae", "v", "--text-encoders", "t"])
     with pytest.raises(FileNotFoundError, match="captions.jsonl"):
@@ -189,7 +231,7 @@ def test_image_stage_batching_and_reencode(tmp_path, text):
 
     recs = read(tmp_path / "img", "f1_h64_w64")
     assert [r["meta"]["frame_indices"] for r in recs[:3]] == [[0], [4], [8]]  # 8 fps source sampled at 2 fps
-    frames, _ = video.read_video(data / "video_000.mp4")
+    frames = _pyav_frames(data / "video_000.mp4")
     vae = PoolingVAE()
     x = frames[[4]].astype(np.float32) / 127.5 - 1
     np.testing.assert_allclose(recs[1]["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-5)
@@ -229,8 +271,9 @@ def test_wan_vae_records_match_diffusers(tmp_path, shared_data, text):
     reader = ArrayRecordReader(str(tmp_path / "out" / "f9_h48_w80.array_record"))
     (rec,) = [enc.decode_record(b) for b in reader.read_all()]
     reader.close()
-    frames, _ = video.read_video(data / f)
-    x = video.resize_center_crop(frames[rec["meta"]["frame_indices"]], 48, 80).astype(np.float32) / 127.5 - 1
+    assert rec["meta"]["frame_indices"] == [0, 1, 2, 3, 5, 6, 7, 8, 10]  # 10 fps sampled at 8 fps
+    x = _pil_resize_crop(_pyav_frames(data / f)[[0, 1, 2, 3, 5, 6, 7, 8, 10]], (85, 48), (2, 0, 82, 48))
+    x = x.astype(np.float32) / 127.5 - 1
     with torch.no_grad():
         z = ref.encode(torch.from_numpy(x).permute(3, 0, 1, 2)[None]).latent_dist.mode()
     mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1)

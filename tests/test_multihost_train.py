@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
 from contentv_jax.train.trainer import Trainer
+from tests._procs import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -91,22 +91,17 @@ def test_train_cli_two_processes_log_the_single_process_losses(tmp_path):
     Trainer(load_train_config(None, ARGS + over), devices=jax.devices()[:1]).prepare()
     cache = [f"data.cache_dir={base / 'encoded'}"]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     one, two = tmp_path / "one", tmp_path / "two"
-    procs = {"one": _spawn(one, 8, cache)}
-    for i in range(2):
-        procs[f"two/{i}"] = _spawn(
-            two, 4, cache + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
-        )
-    logs = {}
-    try:
-        for name, p in procs.items():
-            logs[name], _ = p.communicate(timeout=600)
-    finally:
-        for p in procs.values():
-            p.kill()
+
+    def spawn(port):
+        procs = {"one": _spawn(one, 8, cache)}
+        for i in range(2):
+            procs[f"two/{i}"] = _spawn(
+                two, 4, cache + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+            )
+        return procs
+
+    procs, logs = run_group(spawn, timeout=900)
     for name, p in procs.items():
         assert p.returncode == 0, f"{name} failed:\n{logs[name][-4000:]}"
 
@@ -127,8 +122,12 @@ def test_train_cli_two_processes_log_the_single_process_losses(tmp_path):
     # both processes wrote their shards of one checkpoint and one export: both equal the reference's
     assert sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == [1, STEPS]
     for path in (Path("checkpoints") / str(STEPS) / "state", Path("transformer") / "state"):
-        for a, b in zip(_saved_arrays(one / path), _saved_arrays(two / path), strict=True):
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        # every leaf (parameters, Adam's first and second moments of ~1e-8, the step count) with its own
+        # relative tolerance: max |b - a| <= 1e-5 max |a| of that leaf
+        for i, (a, b) in enumerate(zip(_saved_arrays(one / path), _saved_arrays(two / path), strict=True)):
+            scale = float(np.max(np.abs(a))) if a.size else 0.0
+            err = float(np.max(np.abs(np.asarray(b, np.float64) - a))) if a.size else 0.0
+            assert err <= 1e-5 * scale, (str(path), i, a.shape, err, scale)
     assert (two / "transformer" / "config.json").read_text() == (one / "transformer" / "config.json").read_text()
     # the saved data position does not depend on the host layout
     data = [json.loads((r / "checkpoints" / str(STEPS) / "data" / "metadata").read_text()) for r in (one, two)]

@@ -2,7 +2,6 @@
 official negative prompt, seed noise) equals the pipeline composed by hand, and acceptance 3 of issue 6
 (``--prompts-file`` with VBench's scene prompts writes playable mp4 files)."""
 
-import importlib.util
 import json
 
 import numpy as np
@@ -12,7 +11,6 @@ from contentv_jax import pipeline as pl
 from contentv_jax.sample import main, vbench_name
 from tests.sample_fixtures import build_tiny_model_dir
 
-HAVE_VAE = importlib.util.find_spec("contentv_jax.models.vae") is not None
 SMALL = ["--num-frames", "9", "--height", "32", "--width", "48", "--dtype", "float32", "--no-progress"]
 
 
@@ -84,7 +82,6 @@ def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
     np.testing.assert_allclose(np.load(out2), got, rtol=0, atol=1e-5 * np.abs(got).max())
 
 
-@pytest.mark.skipif(not HAVE_VAE, reason="the JAX VAE has not landed")
 def test_prompts_file_writes_vbench_named_playable_mp4s(model_dir, shared_data, tmp_path):
     from contentv_jax.data.video import probe_video, read_video
 

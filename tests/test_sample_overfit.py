@@ -13,9 +13,13 @@ import json
 import grain
 import jax
 import numpy as np
+import pytest
 import yaml
 
 from contentv_jax import pipeline as pl
+
+pytestmark = pytest.mark.slow  # overfits a model, then samples
+
 
 CLIP = "intel_bottle_hand_6s.mp4"
 

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +19,10 @@ import pytest
 
 from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
-from contentv_jax.train.trainer import Trainer
+from contentv_jax.train.trainer import TEST_SIGNAL_ENV, Trainer
+
+pytestmark = pytest.mark.slow  # several end-to-end training runs (CLI subprocesses)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -101,6 +103,14 @@ def _cli(args, env_extra=None):
     return [sys.executable, "-m", "contentv_jax.train", *args], env
 
 
+def _run(cmd, env, timeout=900):
+    """Run a CLI subprocess; a hang fails the test (the timeout only guards against a lost process)."""
+    try:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd[:3])} did not finish within {timeout} s:\n{(e.stderr or b'')[-3000:]!r}")
+
+
 def _last_per_step(run_dir):
     rows = {}
     for r in read_metrics(run_dir):
@@ -116,36 +126,20 @@ def _saved_state(run_dir, step):
 
 
 def test_resume_after_sigkill_is_exact(base, tmp_path):
-    """Acceptance 2: 20 steps straight == 10 steps, SIGKILL after the step-10 commit, 10 resumed steps."""
+    """Acceptance 2: 20 steps straight == 10 steps, SIGKILL after the step-10 commit, 10 resumed steps.
+
+    The kill is deterministic: the trainer's test-only hook (``CONTENTV_TEST_SIGNAL_AFTER_STEP=10:SIGKILL``)
+    makes the run SIGKILL itself right after checkpoint 10 is committed; no polling, no race with later saves."""
     common = base + ["checkpoint.every=10", "checkpoint.keep=5", "logging.tensorboard=false", "data.caption_dropout=0.3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
 
-    # the run to kill: endless, killed with SIGKILL as soon as checkpoint 10 is committed
-    cmd, env = _cli(["--run-dir", str(resumed), *common, "steps=1000000"])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        cmd2, env2 = _cli(["--run-dir", str(straight), *common, "steps=20"])
-        out = subprocess.run(cmd2, env=env2, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        deadline = time.time() + 600
-        while not (resumed / "checkpoints" / "10").is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "no checkpoint 10 within 10 minutes"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
-    # drop anything committed after step 10 (the kill raced the next save): resume must start at 10
-    for d in (resumed / "checkpoints").iterdir():
-        if d.name.isdigit() and int(d.name) > 10:
-            import shutil
-
-            shutil.rmtree(d)
-    cmd3, env3 = _cli(["--run-dir", str(resumed), *common, "steps=20"])
-    out = subprocess.run(cmd3, env=env3, capture_output=True, text=True, timeout=600)
+    out = _run(*_cli(["--run-dir", str(straight), *common, "steps=20"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    killed = _run(*_cli(["--run-dir", str(resumed), *common, "steps=20"], {TEST_SIGNAL_ENV: "10:SIGKILL"}))
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    assert sorted(int(d.name) for d in (resumed / "checkpoints").iterdir() if d.name.isdigit()) == [10]
+    assert max(_last_per_step(resumed)) == 10  # it died right after step 10
+    out = _run(*_cli(["--run-dir", str(resumed), *common, "steps=20"]))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "steps 10 -> 20" in out.stdout, out.stdout
 
@@ -196,27 +190,18 @@ def test_bad_files_are_skipped_and_named(base, tmp_path, shared_data):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_sigterm_saves_and_stops_cleanly(base, tmp_path):
-    """SIGTERM during training: the step in flight finishes, a checkpoint is committed, run() returns."""
-    import threading
-
+def test_sigterm_saves_and_stops_cleanly(base, tmp_path, monkeypatch):
+    """SIGTERM during training (sent by the trainer's test-only hook after step 3, off the checkpoint
+    interval): the step in flight finishes, a checkpoint of step 3 is committed, run() returns."""
     run = tmp_path / "run"
     trainer = Trainer(
-        load_train_config(None, base + [f"run_dir={run}", "steps=100000", "checkpoint.every=1000", "logging.tensorboard=false"]),
+        load_train_config(None, base + [f"run_dir={run}", "steps=20", "checkpoint.every=1000", "logging.tensorboard=false"]),
         devices=jax.devices()[:1],
     ).setup()
-
-    def fire():
-        while len(read_metrics(run)) < 3:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    t = threading.Thread(target=fire, daemon=True)
-    t.start()
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "3:SIGTERM")
     summary = trainer.run()
-    t.join(timeout=60)
     assert summary["status"].startswith("interrupted by SIGTERM"), summary["status"]
-    step = summary["final_step"]
-    assert 3 <= step < 1000
-    assert (run / "checkpoints" / str(step)).is_dir()
-    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    assert summary["final_step"] == 3
+    assert sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()) == [3]
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back

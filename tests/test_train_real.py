@@ -3,10 +3,14 @@ the loss (mean of the last 20 steps <= 0.8 x the mean of the first 20, fixed see
 
 import jax
 import numpy as np
+import pytest
 
 from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
 from contentv_jax.train.trainer import Trainer
+
+
+pytestmark = pytest.mark.slow  # training on the real clips
 
 
 def test_tiny_model_learns_on_real_clips(shared_data, tmp_path):

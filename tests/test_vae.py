@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402  (the test extra)
+import torch  # noqa: E402
 
 from flax import nnx  # noqa: E402
 
@@ -101,6 +101,7 @@ def _check_encode_decode(ref, ours, x_torch, what):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_config_random_clip_9x64x64(real):
     ref, ours = real
     g = torch.Generator().manual_seed(2)
@@ -135,6 +136,7 @@ def test_real_config_real_video_17x128x128(real, shared_data):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_config_chunked_decode_33_frames(real):
     """9 latent frames -> 33 frames through the scanned chunk loop equals diffusers' per-chunk loop.
 
@@ -261,9 +263,20 @@ def test_normalize_and_distribution(tiny):
     eps = jax.random.normal(jax.random.key(7), mean.shape)
     np.testing.assert_allclose(d.sample(jax.random.key(7)), 1.0 + 2.0 * eps, rtol=1e-6)
     np.testing.assert_array_equal(d.mode(), mean)
-    # logvar is clipped to [-30, 20] as in diffusers
-    post = ours.encode(jnp.zeros((1, 5, 16, 16, 3)))  # same shape as test_bad_input: no recompile
-    assert float(post.logvar.max()) <= 20.0 and float(post.logvar.min()) >= -30.0
+    # logvar is clipped to [-30, 20] as in diffusers (DiagonalGaussianDistribution): drive the quant_conv's
+    # logvar half far past both bounds (+1e3 on the first half of its channels, -1e3 on the second)
+    z = cfg.z_dim
+    pushed = nnx.clone(ours)
+    bias = np.asarray(pushed.quant_conv.bias[...]).copy()
+    bias[z : z + z // 2] += 1e3
+    bias[z + z // 2 :] -= 1e3
+    pushed.quant_conv.bias[...] = jnp.asarray(bias, pushed.quant_conv.bias[...].dtype)
+    x = jnp.zeros((1, 5, 16, 16, 3))  # same shape as test_bad_input: no recompile
+    post = pushed.encode(x)
+    np.testing.assert_array_equal(post.logvar[..., : z // 2], 20.0)
+    np.testing.assert_array_equal(post.logvar[..., z // 2 :], -30.0)
+    np.testing.assert_array_equal(post.mean, ours.encode(x).mean)  # the mean half is untouched
+    np.testing.assert_allclose(post.std[..., : z // 2], np.exp(10.0), rtol=1e-6)
 
 
 def test_config_round_trip_and_logical_axes(shared_data):

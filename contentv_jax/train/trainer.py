@@ -377,7 +377,8 @@ class Trainer:
                     m.update(steps_per_s=sps, tokens_per_s=sps * tokens)
                     logger.log(step, m)
                 bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
-                self.ckpt.save(step, self.state, self.data_iter.get_state())
+                saved = self.ckpt.save(step, self.state, self.data_iter.get_state())
+                _test_signal_after_step(step, saved, self.ckpt)  # test-only; a no-op unless its env var is set
                 if stop["sigterm"]:
                     status = "interrupted by SIGTERM (checkpoint saved)"
                     break
@@ -409,6 +410,24 @@ class Trainer:
         if self.main:
             _atomic_write(self.run_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
         return summary
+
+
+# --- test-only hook (tests/test_train.py): kill or interrupt the run at a known step, independent of timing.
+TEST_SIGNAL_ENV = "CONTENTV_TEST_SIGNAL_AFTER_STEP"
+
+
+def _test_signal_after_step(step: int, saved: bool, ckpt) -> None:
+    """With ``CONTENTV_TEST_SIGNAL_AFTER_STEP=STEP:SIGNAL`` (e.g. ``10:SIGKILL``), after step STEP (and the
+    commit of its checkpoint, if one was saved at STEP) this process sends itself SIGNAL. Unset: nothing."""
+    spec = os.environ.get(TEST_SIGNAL_ENV)
+    if not spec:
+        return
+    at, _, name = spec.partition(":")
+    if int(at) == step:
+        if saved:
+            ckpt.wait()
+        os.kill(os.getpid(), getattr(signal, name))
+# --- end of the test-only hook
 
 
 def train(cfg: TrainConfig, *, devices=None) -> dict:
