@@ -218,7 +218,7 @@ class App:
         c0 = self.compiles.snapshot()
 
         def stage(name, fn):
-            n0, t0c = self.compiles.snapshot()
+            t0c = self.compiles.snapshot()[1]
             t0 = time.perf_counter()
             out = fn()
             timings[name] = time.perf_counter() - t0

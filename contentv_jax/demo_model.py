@@ -71,7 +71,7 @@ def build_demo_model(dst: str | os.PathLike, *, seed: int = SEED) -> Path:
         model = T.init_model(cfg, seed=seed)
         save_checkpoint(tmp / "transformer", nnx.state(model), cfg.to_dict())
         vcfg = vae_config("tiny")
-        vae = WanVAE(vcfg, rngs=nnx.Rngs(seed + 1))
+        vae = nnx.jit(lambda: WanVAE(vcfg, rngs=nnx.Rngs(seed + 1)))()  # one compiled init, not op by op
         save_checkpoint(tmp / "vae", nnx.state(vae, nnx.Param), vcfg.to_diffusers())
         (tmp / "scheduler").mkdir()
         scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": flow.DEFAULT_SAMPLING_SHIFT}

@@ -108,10 +108,17 @@ def _generate(page, job: int) -> str:
 
 
 def _download_mp4(page, dst: Path) -> Path:
-    link = page.locator("#files a", has_text=".mp4").first
-    with page.expect_download() as info:
-        link.click()
-    info.value.save_as(dst)
+    """Fetch the first mp4 of the page's download list through its link (the bytes the browser downloads)."""
+    from urllib.parse import urljoin
+
+    link = page.locator('#files a[href*=".mp4"]').first
+    try:
+        link.wait_for(state="attached", timeout=60_000)
+    except Exception:
+        pytest.fail("no mp4 link in the download list:\n" + page.locator("#files").inner_html()[:3000])
+    response = page.request.get(urljoin(page.url, link.get_attribute("href")))
+    assert response.ok, response.status
+    dst.write_bytes(response.body())
     return dst
 
 
@@ -228,3 +235,35 @@ def test_sequential_offload_streams_one_block(server):
     model = pl.ContentVPipeline.from_pretrained(model_dir, dtype="float32", offload="model")
     assert set(pl.memory_kind_bytes(nnx.state(model.transformer))) == {"pinned_host"}
     np.testing.assert_allclose(model(PROMPT, **kw), streamed, atol=1e-5, rtol=0)
+
+
+def test_app_bad_arguments_exit_2(tmp_path, capsys):
+    """Bad command-line input: one line on stderr and exit status 2, before any model is built."""
+    from contentv_jax import app
+
+    assert app.main(["--port", "70000"]) == 2
+    assert "--port must be in 0..65535, got 70000" in capsys.readouterr().err
+    assert app.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert app.main(["mesh.bogus=2"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_settings_check_names_the_input():
+    """The page's inputs are checked with one-line messages naming the input; frame counts are rounded
+    to 4k+1 with a notice (as the official pipeline rounds them)."""
+    from contentv_jax.app import Settings
+
+    s = Settings(model="m", prompt="p", num_frames=10, height=64, width=64)
+    assert s.check() == ["frames: 10 is not 4k+1, rounded down to 9 (as the official pipeline)"]
+    assert s.num_frames == 9
+    for kw, msg in (
+        (dict(width=100), "width must be a positive multiple of 16"),
+        (dict(steps=0), "steps: expected at least 1"),
+        (dict(prompt=" "), "prompt:"),
+        (dict(videos_per_prompt=9), "videos per prompt: expected 1..4"),
+        (dict(offload="disk"), "offload: expected one of"),
+        (dict(seed=-1), "seed: expected a whole number >= 0"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            Settings(**{"model": "m", "prompt": "p", "height": 64, "width": 64, **kw}).check()
