@@ -181,9 +181,13 @@ class PromptEmbeds:
 
 # --------------------------------------------------------------------------------------------- parameter placement
 def place_state(state: Any, mesh: Mesh | None, rules=DEFAULT_RULES) -> Any:
-    """Put ``state`` on the device(s): sharded by logical names on ``mesh``, else on the default device."""
+    """Put ``state`` on the device(s): sharded by logical names on ``mesh``, else on the default device.
+
+    Leaves in a host memory kind (:func:`to_host_memory`) are copied into device memory; leaves already in
+    device memory are left as they are.
+    """
     if mesh is None:
-        return jax.device_put(state)
+        return jax.device_put(jax.tree.map(_in_device_memory, state))
     from contentv_jax.sharding.init import state_shardings
 
     return jax.device_put(state, state_shardings(state, mesh, rules))
@@ -192,6 +196,75 @@ def place_state(state: Any, mesh: Mesh | None, rules=DEFAULT_RULES) -> Any:
 def to_host(state: Any) -> Any:
     """``state`` as host NumPy arrays (the "parameters kept in host memory until used" switch)."""
     return jax.tree.map(np.asarray, state)
+
+
+# Memory switches of the pipeline (the web UI's and the CLI's ``offload``):
+#   none:       every model stays in device memory;
+#   model:      parameters live in host memory; a model's parameters go to the device only while it runs
+#               (the transformer during denoising, the VAE during decoding), as diffusers'
+#               ``enable_model_cpu_offload``;
+#   sequential: as ``model``, and during denoising the stacked joint blocks stream from host memory one
+#               block at a time (only one block's parameters plus the non-block ones on the device), as
+#               diffusers' ``enable_sequential_cpu_offload``; slower (one dispatch and transfer per block).
+OFFLOAD_MODES = ("none", "model", "sequential")
+HOST_MEMORY_KIND = "pinned_host"
+
+
+def offload_mode(offload: bool | str | None) -> str:
+    """``offload`` as one of :data:`OFFLOAD_MODES` (``True`` is ``"model"``, ``False``/None ``"none"``).
+
+    Raises:
+      ValueError: any other value.
+    """
+    if offload is None or offload is False:
+        return "none"
+    if offload is True:
+        return "model"
+    if offload in OFFLOAD_MODES:
+        return offload
+    raise ValueError(f"offload must be one of {OFFLOAD_MODES} (or a bool), got {offload!r}")
+
+
+def _has_memory(device, kind: str) -> bool:
+    try:
+        return any(m.kind == kind for m in device.addressable_memories())
+    except Exception:  # backends without memory spaces
+        return False
+
+
+def _in_device_memory(x):
+    if isinstance(x, jax.Array) and x.sharding.memory_kind not in (None, "device"):
+        return jax.device_put(x, x.sharding.with_memory_kind("device"))
+    return x
+
+
+def to_host_memory(state: Any) -> Any:
+    """``state``'s arrays moved to host memory: the ``pinned_host`` memory kind of their own devices (same
+    sharding), or host NumPy arrays where the backend has no pinned host memory. :func:`place_state` brings
+    them back into device memory."""
+
+    def put(x):
+        if isinstance(x, jax.Array):
+            devices = x.sharding.device_set
+            if all(_has_memory(d, HOST_MEMORY_KIND) for d in devices):
+                return jax.device_put(x, x.sharding.with_memory_kind(HOST_MEMORY_KIND))
+            return np.asarray(x)
+        device = jax.devices()[0]
+        if _has_memory(device, HOST_MEMORY_KIND):
+            return jax.device_put(x, jax.sharding.SingleDeviceSharding(device, memory_kind=HOST_MEMORY_KIND))
+        return np.asarray(x)
+
+    return jax.tree.map(put, state)
+
+
+def memory_kind_bytes(state: Any) -> dict[str, int]:
+    """Bytes of ``state``'s arrays per memory kind (``"device"``, ``"pinned_host"``, ``"numpy"`` for host
+    NumPy arrays). Arrays sharded over several devices count their global size once."""
+    out: dict[str, int] = {}
+    for x in jax.tree.leaves(state):
+        kind = (x.sharding.memory_kind or "device") if isinstance(x, jax.Array) else "numpy"
+        out[kind] = out.get(kind, 0) + int(np.dtype(x.dtype).itemsize * np.prod(x.shape))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the Euler loop
@@ -303,20 +376,145 @@ def denoise(
     return out
 
 
+# ----------------------------------------------------------------------------- sequential (block-streamed) loop
+@functools.partial(jax.jit, static_argnames=("graphdef", "guidance"))
+def _seq_embed(graphdef, state, x, sigma, context, pooled, *, guidance):
+    view = nnx.merge(graphdef, state)
+    x_in = jnp.concatenate([x, x], axis=0) if guidance else x
+    timestep = jnp.full((x_in.shape[0],), sigma * flow.NUM_TRAIN_TIMESTEPS, jnp.float32)
+    return view.embed(x_in.astype(context.dtype), timestep, context, pooled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n_tok"))
+def _seq_block(graphdef, layer_state, x, c, temb, *, n_tok):
+    from contentv_jax.models.transformer import MMDiT
+
+    return MMDiT.block_step(nnx.merge(graphdef, layer_state), x, c, temb, n_tok)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "latent_shape", "guidance"))
+def _seq_head(graphdef, state, x, c, temb, latents, sigma, sigma_next, guidance_scale, *, latent_shape, guidance):
+    view = nnx.merge(graphdef, state)
+    velocity = view.head(x, c, temb, latent_shape).astype(jnp.float32)
+    if guidance:
+        v_cond, v_uncond = jnp.split(velocity, 2, axis=0)
+        velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
+    return latents + (sigma_next - sigma) * velocity
+
+
+def _fetch_layer(stacked: Any, index: int, device) -> Any:
+    """Layer ``index`` of the stacked block state, copied into ``device``'s memory (only that slice moves)."""
+    if all(isinstance(a, jax.Array) for a in jax.tree.leaves(stacked)):
+        return _fetch_slice(stacked, np.int32(index))
+    target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[index], stacked), target)
+
+
+@jax.jit
+def _fetch_slice(tree, index):
+    # The slice is taken where the stacked arrays live (host memory), then only it moves to the device.
+    take = lambda a: jax.device_put(jax.lax.dynamic_index_in_dim(a, index, keepdims=False), jax.memory.Space.Device)
+    return jax.tree.map(take, tree)
+
+
+def denoise_sequential(
+    model: nnx.Module,
+    latents: jax.Array | np.ndarray,
+    embeds: PromptEmbeds,
+    sigmas: np.ndarray,
+    guidance_scale: float,
+    *,
+    dtype=None,
+    progress: bool = False,
+    on_block=None,
+) -> jax.Array:
+    """:func:`denoise` with the stacked joint blocks streamed from host memory one block at a time.
+
+    Same arguments, result and numerics as :func:`denoise` (one device, no mesh). Per step: the embedding
+    (``MMDiT.embed``), then for each stacked block its parameters are copied from host memory into device
+    memory, the block runs, and the copy is dropped; then ``MMDiT.head`` and the guided Euler update. Only
+    one block's parameters plus the non-block ones (``transformer.NON_BLOCK_MODULES``) are on the device at a
+    time; the stacked state may sit in ``pinned_host`` memory (:func:`to_host_memory`) or NumPy. Mirrors
+    diffusers' ``enable_sequential_cpu_offload`` (accelerate's per-module hooks), block-wise.
+
+    Args:
+      on_block: optional ``on_block(step, layer)`` called after each block ran, while that block's
+        parameters are still on the device (for memory monitoring).
+    Returns:
+      final latents (B, T, H, W, C), float32.
+    """
+    from contentv_jax.models.transformer import MMDiT, NonBlockView
+
+    latents = jnp.asarray(latents, jnp.float32)
+    if latents.ndim != 5 or latents.shape[0] != embeds.batch:
+        raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
+    guidance = guidance_scale > 1.0
+    if dtype is None:
+        dtype = getattr(getattr(model, "cfg", None), "dtype", None) or jnp.float32
+    dtype = jnp.dtype(dtype)
+    if guidance:
+        context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)
+        pooled = np.concatenate([embeds.pooled_prompt_embeds, embeds.negative_pooled_prompt_embeds], axis=0)
+    else:
+        context, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
+    device = jax.devices()[0]
+    view_def, view_state = nnx.split(NonBlockView(model))
+    view_state = place_state(view_state, None)  # non-block parameters: on the device for the whole loop
+    stacked_def = stacked = None
+    if model.transformer_blocks is not None:
+        stacked_def, stacked = nnx.split(model.transformer_blocks)
+    num_layers = 0 if stacked is None else int(jax.tree.leaves(stacked)[0].shape[0])
+    context, pooled = jnp.asarray(context, dtype), jnp.asarray(pooled, dtype)
+    sigmas = np.asarray(sigmas, np.float32)
+    n_tok = MMDiT.num_video_tokens(model, latents.shape)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(sigmas) - 1, desc="denoising (sequential offload)", unit="step")
+    try:
+        for i in range(len(sigmas) - 1):
+            sigma, sigma_next = jnp.float32(sigmas[i]), jnp.float32(sigmas[i + 1])
+            x, c, temb = _seq_embed(view_def, view_state, latents, sigma, context, pooled, guidance=guidance)
+            for layer in range(num_layers):
+                layer_state = _fetch_layer(stacked, layer, device)
+                x, c = _seq_block(stacked_def, layer_state, x, c, temb, n_tok=n_tok)
+                if on_block is not None:
+                    jax.block_until_ready(x)
+                    on_block(i, layer)
+                del layer_state  # the device copy goes as soon as the block has run
+            latents = _seq_head(
+                view_def, view_state, x, c, temb, latents, sigma, sigma_next, jnp.float32(guidance_scale),
+                latent_shape=tuple(latents.shape) if not guidance else (2 * latents.shape[0], *latents.shape[1:]),
+                guidance=guidance,
+            )
+            if bar is not None:
+                jax.block_until_ready(latents)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return jax.block_until_ready(latents)
+
+
 # ------------------------------------------------------------------------------------------------------ decoding
 # diffusers' AutoencoderKLWan.enable_tiling() defaults: 256-pixel tiles every 192 pixels (64 blended).
 VAE_TILE_SIZE = (256, 256)
 VAE_TILE_STRIDE = (192, 192)
 
 
-def decode_latents(vae, latents: jax.Array | np.ndarray, *, tiling: bool = False) -> np.ndarray:
+def decode_latents(vae, latents: jax.Array | np.ndarray, *, tiling: bool = False, slicing: bool = False) -> np.ndarray:
     """Normalised latents (B, T, h, w, 16) -> frames (B, 4(T - 1) + 1, 8h, 8w, 3), float32 NumPy in [0, 1].
 
     ``z = z_norm * std + mean`` (``vae.denormalize``), the Wan VAE decoder (``contentv_jax.models.vae``; chunked
     in time with a causal cache; with ``tiling``, spatial tiles of :data:`VAE_TILE_SIZE` pixels every
     :data:`VAE_TILE_STRIDE`, as diffusers' ``enable_tiling``), then ``clip(x / 2 + 0.5, 0, 1)`` as diffusers'
-    ``VideoProcessor.postprocess_video``. The VAE runs in float32, as in the official demo.
+    ``VideoProcessor.postprocess_video``. The VAE runs in float32, as in the official demo. With ``slicing``
+    the videos of the batch are decoded one at a time (diffusers' ``enable_slicing``): the decoder's peak
+    memory is that of one video, the result is the same.
     """
+    if slicing and len(latents) > 1:
+        return np.concatenate([decode_latents(vae, latents[i : i + 1], tiling=tiling) for i in range(len(latents))])
     z = vae.denormalize(jnp.asarray(latents, jnp.float32))
     tiles = dict(tile_sample_size=VAE_TILE_SIZE, tile_sample_stride=VAE_TILE_STRIDE) if tiling else {}
     video = vae.decode(z, **tiles)
@@ -385,7 +583,8 @@ class ContentVPipeline:
         in_channels: int = 16,
         mesh: Mesh | None = None,
         vae_tiling: bool = False,
-        offload: bool = False,
+        offload: bool | str = False,
+        vae_slicing: bool = False,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -394,12 +593,17 @@ class ContentVPipeline:
         self.context_dim, self.pooled_dim, self.in_channels = context_dim, pooled_dim, in_channels
         self.mesh = mesh
         self.vae_tiling = vae_tiling
-        self.offload = offload
-        if offload:
+        self.vae_slicing = vae_slicing
+        self.offload_mode = offload_mode(offload)
+        self.offload = self.offload_mode != "none"
+        if self.offload_mode == "sequential" and mesh is not None:
+            raise ValueError("offload='sequential' runs on one device; use FSDP on a mesh instead (mesh.fsdp=N)")
+        self.on_block = None  # sequential offload: on_block(step, layer) after each block (memory monitoring)
+        if self.offload:
             # Parameters live in host memory; each part goes to the device only while it runs.
-            nnx.update(transformer, to_host(nnx.state(transformer)))
+            nnx.update(transformer, to_host_memory(nnx.state(transformer)))
             if vae is not None:
-                nnx.update(vae, to_host(nnx.state(vae)))
+                nnx.update(vae, to_host_memory(nnx.state(vae)))
 
     @staticmethod
     def check_model_dir(model_dir: str | Path, *, need_text: bool = True, need_vae: bool = True) -> None:
@@ -427,7 +631,8 @@ class ContentVPipeline:
         mesh: Mesh | None = None,
         attention_kernel: str | None = None,
         vae_tiling: bool = False,
-        offload: bool = False,
+        offload: bool | str = False,
+        vae_slicing: bool = False,
     ) -> ContentVPipeline:
         """Load the parts of ``model_dir`` (checked first: missing sub-folders raise FileNotFoundError).
 
@@ -438,7 +643,10 @@ class ContentVPipeline:
           attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
           mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
           vae_tiling: decode in spatial tiles.
-          offload: keep parameters in host memory; each model goes to the device only while it runs.
+          offload: one of :data:`OFFLOAD_MODES` (``True``: ``"model"``): ``"model"`` keeps parameters in host
+            memory, each model goes to the device only while it runs; ``"sequential"`` also streams the
+            stacked blocks one at a time during denoising (one device only). Raises ValueError otherwise.
+          vae_slicing: decode the videos of a batch one at a time.
         """
         model_dir = Path(model_dir)
         cls.check_model_dir(model_dir, need_text=load_text_encoders, need_vae=load_vae)
@@ -467,6 +675,7 @@ class ContentVPipeline:
             mesh=mesh,
             vae_tiling=vae_tiling,
             offload=offload,
+            vae_slicing=vae_slicing,
             **dims,
         )
 
@@ -559,22 +768,31 @@ class ContentVPipeline:
             latents = initial_noise(seed, shape)
         shift = self.shift if opts.shift is None else opts.shift
         sigmas = flow.sampling_sigmas(opts.num_steps, shift)
-        out = denoise(
-            self.transformer,
-            latents,
-            embeds,
-            sigmas,
-            opts.guidance_scale,
-            mesh=self.mesh,
-            progress=progress,
-        )
+        out = self.denoise(latents, embeds, sigmas, opts.guidance_scale, progress=progress)
         if output_type == "latent":
             return np.asarray(out)
+        return self.decode(out)
+
+    def denoise(self, latents, embeds: PromptEmbeds, sigmas, guidance_scale: float, *, progress: bool = False):
+        """The Euler loop with this pipeline's transformer, mesh and offload mode (:func:`denoise`, or
+        :func:`denoise_sequential` for ``offload="sequential"``). Shapes as there; float32 latents."""
+        if self.offload_mode == "sequential":
+            return denoise_sequential(
+                self.transformer, latents, embeds, sigmas, guidance_scale, progress=progress, on_block=self.on_block
+            )
+        return denoise(self.transformer, latents, embeds, sigmas, guidance_scale, mesh=self.mesh, progress=progress)
+
+    def decode(self, latents) -> np.ndarray:
+        """Normalised latents (B, T, h, w, 16) -> frames (B, F, H, W, 3) float32 in [0, 1] with this pipeline's
+        VAE, tiling and slicing switches (:func:`decode_latents`); with offload the VAE's parameters are in
+        device memory only during this call."""
+        if self.vae is None:
+            raise ValueError("this pipeline has no VAE")
         vae = self.vae
         if self.offload:
             graphdef, state = nnx.split(vae)
-            vae = nnx.merge(graphdef, jax.device_put(state))
-        return decode_latents(vae, out, tiling=self.vae_tiling)
+            vae = nnx.merge(graphdef, place_state(state, None))
+        return decode_latents(vae, latents, tiling=self.vae_tiling, slicing=self.vae_slicing)
 
 
 def _np32(x) -> np.ndarray:

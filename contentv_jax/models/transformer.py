@@ -528,24 +528,74 @@ class MMDiT(nnx.Module):
         (x, c), _ = jax.lax.scan(step, (x, c), state)
         return x, c
 
-    def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+    def embed(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array):
+        """Everything before the joint blocks (inputs as in :meth:`__call__`, checked).
+
+        Returns ``(x, c, temb)``: video tokens (B, N', width) in (t, h, w) order, padded to a multiple of the
+        Ulysses sequence-parallel size (N' >= N = T * H/p * W/p); text tokens (B, L, width); conditioning
+        (B, width). Together with :meth:`block_step` and :meth:`head` it is exactly :meth:`__call__`.
+        """
         self._check_inputs(latents, timestep, context, pooled)
         cfg = self.config
-        b, t, h, w, _ = latents.shape
-        p = cfg.patch_size
         x = self.pos_embed(latents)
         # Ulysses: pad the video tokens to a multiple of the sequence-parallel size; the pad keys are
         # masked out of attention (img_valid) and the pad tokens sliced off before unpatchify.
-        n_tok = x.shape[1]
         x = ulysses.pad_tokens(x, ulysses.sequence_size())
-        img_valid = None if x.shape[1] == n_tok else n_tok
         x = constrain(x, ("activation_batch", "activation_video_tokens", "activation_embed"))
         temb = self.time_text_embed(timestep, pooled.astype(cfg.jnp_dtype))
         c = constrain(self.context_embedder(context), ("activation_batch", "activation_text_tokens", "activation_embed"))
-        x, c = self._run_blocks(x, c, temb, img_valid)
+        return x, c, temb
+
+    def num_video_tokens(self, latent_shape) -> int:
+        """Video tokens N = T * (H / p) * (W / p) of latents of shape (B, T, H, W, C)."""
+        p = self.config.patch_size
+        return latent_shape[1] * (latent_shape[2] // p) * (latent_shape[3] // p)
+
+    @staticmethod
+    def block_step(block: JointTransformerBlock, x, c, temb, n_tok: int):
+        """One of the stacked (non-final) joint blocks on the padded tokens: ``(x, c) -> (x, c)``."""
+        img_valid = None if x.shape[1] == n_tok else n_tok
+        return block(x, c, temb, img_valid)
+
+    def head(self, x: jax.Array, c: jax.Array, temb: jax.Array, latent_shape) -> jax.Array:
+        """Everything after the stacked blocks: the ``context_pre_only`` block, the output norm and
+        projection, unpatchify. ``latent_shape`` is the input's (B, T, H, W, C); returns the velocity
+        (B, T, H, W, out_channels) in ``cfg.dtype``."""
+        cfg = self.config
+        b, t, h, w, _ = latent_shape
+        p = cfg.patch_size
+        n_tok = self.num_video_tokens(latent_shape)
+        img_valid = None if x.shape[1] == n_tok else n_tok
         x, _ = self.final_block(x, c, temb, img_valid)
         x = self.proj_out(self.norm_out(x, temb))[:, :n_tok]  # (B, t*h*w, p*p*C)
         return einops.rearrange(x, "b (t h w) (p q c) -> b t (h p) (w q) c", t=t, h=h // p, w=w // p, p=p, q=p)
+
+    def __call__(self, latents: jax.Array, timestep: jax.Array, context: jax.Array, pooled: jax.Array) -> jax.Array:
+        x, c, temb = self.embed(latents, timestep, context, pooled)
+        n_tok = self.num_video_tokens(latents.shape)
+        x, c = self._run_blocks(x, c, temb, None if x.shape[1] == n_tok else n_tok)
+        return self.head(x, c, temb, latents.shape)
+
+
+# The attributes of MMDiT outside the stacked blocks (what model offload keeps resident during
+# sequential offload).
+NON_BLOCK_MODULES = ("pos_embed", "time_text_embed", "context_embedder", "final_block", "norm_out", "proj_out")
+
+
+class NonBlockView(nnx.Module):
+    """The parameters of an :class:`MMDiT` outside ``transformer_blocks``, shared (not copied), with its
+    :meth:`~MMDiT.embed` and :meth:`~MMDiT.head`: ``nnx.split(NonBlockView(model))`` gives a state without the
+    stacked layers, for running the model block by block (sequential offload)."""
+
+    def __init__(self, model: MMDiT):
+        self.config = model.config
+        for name in NON_BLOCK_MODULES:
+            setattr(self, name, getattr(model, name))
+
+    _check_inputs = MMDiT._check_inputs
+    embed = MMDiT.embed
+    num_video_tokens = MMDiT.num_video_tokens
+    head = MMDiT.head
 
 
 def abstract_model(cfg: TransformerConfig) -> MMDiT:
