@@ -14,7 +14,8 @@ Outputs (``--output-type``): ``mp4`` (one file per video), ``frames`` (float32 .
 ``latent`` (float32 .npy (B, T, H/8, W/8, C), the final normalised latents). With ``--prompts-file`` every line is
 a prompt and ``--out`` a directory: VBench names, ``<prompt>-<index>.mp4`` (``.npy`` per prompt otherwise), or
 ``<name>-<index>.mp4`` with ``--names-file`` (one name per prompt line: VBench's short prompts for its long
-GPT-enhanced ones, as its evaluation expects). Names longer than the file-system limit (255 bytes) keep a
+GPT-enhanced ones, as its evaluation expects). Names longer than :data:`NAME_MAX_BYTES` (200 bytes, under the
+255-byte file-system limit) keep a
 readable prefix plus a hash (:func:`safe_file_name`); ``prompts.json`` beside the videos maps each file name
 to the prompt it was sampled from. Every file is written to a temporary sibling and moved into place.
 """
@@ -127,7 +128,9 @@ def read_prompts(prompts_file: Path, names_file: Path | None = None, limit: int 
     return prompts, names
 
 
-NAME_MAX_BYTES = 255  # the file-name limit of ext4, XFS, APFS, NTFS (bytes of UTF-8)
+# File names are at most 255 bytes on ext4, XFS, APFS and NTFS; ours stay under 200 so that the temporary
+# sibling each file is first written to (``.<name>.<random>.tmp<suffix>``) fits as well.
+NAME_MAX_BYTES = 200
 NAME_HASH_CHARS = 16
 PROMPT_MAP = "prompts.json"
 
