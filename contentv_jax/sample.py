@@ -15,9 +15,8 @@ Outputs (``--output-type``): ``mp4`` (one file per video), ``frames`` (float32 .
 a prompt and ``--out`` a directory: VBench names, ``<prompt>-<index>.mp4`` (``.npy`` per prompt otherwise), or
 ``<name>-<index>.mp4`` with ``--names-file`` (one name per prompt line: VBench's short prompts for its long
 GPT-enhanced ones, as its evaluation expects). Names longer than :data:`NAME_MAX_BYTES` (200 bytes, under the
-255-byte file-system limit) keep a
-readable prefix plus a hash (:func:`safe_file_name`); ``prompts.json`` beside the videos maps each file name
-to the prompt it was sampled from. Every file is written to a temporary sibling and moved into place.
+255-byte file-system limit) keep a readable prefix plus a hash (:func:`safe_file_name`); ``prompts.json`` beside
+the videos maps each file name to the prompt it was sampled from. Every file is written to a temporary sibling and moved into place.
 """
 
 from __future__ import annotations

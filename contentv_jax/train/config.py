@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from contentv_jax.config import ConfigError, load_config
+from contentv_jax.config import ConfigError, find_config, load_config
 from contentv_jax.sharding.mesh import MeshConfig
 
 # Wan2.1 VAE: 4x temporal (causal: T -> 1 + (T - 1) / 4), 8x spatial compression.
@@ -169,7 +169,7 @@ class TrainConfig:
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
+DEFAULT_CONFIG = "tiny"  # the shipped configs/train/tiny.yaml (contentv_jax.config.find_config)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -246,12 +246,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:
-    """Load ``path`` (default ``configs/train/tiny.yaml``), apply ``key=value`` overrides, validate.
+    """Load ``path`` (default: the shipped ``configs/train/tiny.yaml``), apply ``key=value`` overrides, validate.
+
+    ``path`` is a file, or the name of a shipped config (``stage3``, ``configs/train/stage3.yaml``; see
+    :func:`contentv_jax.config.find_config`), so that an installed package runs from any directory.
 
     Raises:
-      ConfigError: an unknown key or a bad value, named.
-      FileNotFoundError: ``path`` does not exist.
+      ConfigError: an unknown key or a bad value, named; or a config file that cannot be found (never a
+        silent fall back to the dataclass defaults), naming every path looked at.
     """
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
+    try:
+        path = find_config(DEFAULT_CONFIG if path is None else path, "train")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     return validate(load_config(TrainConfig, path, overrides))
