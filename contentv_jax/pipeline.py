@@ -515,7 +515,7 @@ class ContentVPipeline:
         if shift is None:
             shift = flow.scheduler_shift(model_dir / "scheduler" / "scheduler_config.json")
         dims = transformer_dims(model_dir / "transformer")
-        from contentv_jax.models import load_transformer
+        from contentv_jax.checkpoints import load_transformer
 
         if dtype is not None:
             dtype = jnp.dtype(dtype).name
@@ -528,7 +528,7 @@ class ContentVPipeline:
         transformer = load_transformer(model_dir / "transformer", dtype=dtype, param_dtype=dtype, **overrides)
         vae = None
         if load_vae:
-            from contentv_jax.models import load_vae as _load_vae
+            from contentv_jax.checkpoints import load_vae as _load_vae
 
             vae = _load_vae(model_dir / "vae")
         text = None
@@ -775,11 +775,11 @@ def export_to_video(video_frames, output_video_path: str | Path | None = None, f
       output_video_path: where to write (None: a new temporary ``.mp4`` file, as diffusers).
       fps: frames per second (ContentV's demo writes 24).
     Raises:
-      ValueError: bad shape, dtype, odd size or non-positive fps (``contentv_jax.video.write_video``).
+      ValueError: bad shape, dtype, odd size or non-positive fps (``contentv_jax.data.video.write_video``).
     """
     import tempfile
 
-    from contentv_jax.video import write_video
+    from contentv_jax.data.video import write_video
 
     if isinstance(video_frames, (list, tuple)):
         video_frames = np.stack([np.asarray(f) for f in video_frames])

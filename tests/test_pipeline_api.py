@@ -143,7 +143,7 @@ def test_progress_bar_on_by_default_and_switched_off(model_dir, capsys):
 
 
 def test_export_to_video_reads_back(tmp_path):
-    from contentv_jax.video import read_video
+    from contentv_jax.data.video import read_video
 
     rng = np.random.default_rng(0)
     frames = np.repeat(np.repeat(rng.uniform(size=(1, 9, 4, 6, 3)), 8, axis=2), 8, axis=3).astype(np.float32)

@@ -60,7 +60,7 @@ def test_bad_input_is_refused_before_any_compute(fake_dir, tmp_path, capsys):
 
 
 def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
-    from contentv_jax.models import load_transformer
+    from contentv_jax.checkpoints import load_transformer
     from contentv_jax.text import TextEncoders
 
     out = tmp_path / "latents.npy"
@@ -86,7 +86,7 @@ def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
 
 @pytest.mark.skipif(not HAVE_VAE, reason="the JAX VAE has not landed")
 def test_prompts_file_writes_vbench_named_playable_mp4s(model_dir, shared_data, tmp_path):
-    from contentv_jax.video import probe_video, read_video
+    from contentv_jax.data.video import probe_video, read_video
 
     scene = shared_data / "prompts/vbench/prompts/prompts_per_dimension/scene.txt"
     prompts = [line.strip() for line in scene.read_text().splitlines() if line.strip()][:5]
@@ -108,7 +108,7 @@ def test_prompts_file_writes_vbench_named_playable_mp4s(model_dir, shared_data, 
 def test_vbench_long_prompts_named_after_the_short_prompts(model_dir, shared_data, tmp_path):
     """VBench's GPT-enhanced long prompts (each line longer than a file name may be) sampled under the short
     prompts' names, as VBench's evaluation expects; without --names-file the long names are shortened."""
-    from contentv_jax.video import read_video
+    from contentv_jax.data.video import read_video
 
     root = shared_data / "prompts/vbench/prompts"
     longer, short = root / "augmented_prompts/gpt_enhanced_prompts/all_dimension_longer.txt", root / "all_dimension.txt"
