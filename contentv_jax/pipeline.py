@@ -336,12 +336,14 @@ def _read_json(path: Path) -> dict:
 
 
 def transformer_dims(transformer_dir: str | Path) -> dict[str, int]:
-    """``in_channels``, ``context_dim`` and ``pooled_dim`` of a transformer checkpoint, from its ``config.json``.
+    """``in_channels``, ``context_dim`` and ``pooled_dim`` of a transformer checkpoint, from its ``config.json``
+    (``transformer_dir`` may also be the JSON file itself, e.g. a run's ``model_config.json``).
 
     Diffusers' directories and our checkpoints use the same keys (``in_channels``, ``joint_attention_dim``,
     ``pooled_projection_dim``). Raises FileNotFoundError / ValueError if the config is missing or lacks them.
     """
-    path = Path(transformer_dir) / "config.json"
+    path = Path(transformer_dir)
+    path = path if path.suffix == ".json" else path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a transformer checkpoint")
     cfg = _read_json(path)
@@ -460,18 +462,35 @@ class ContentVPipeline:
 
     # ------------------------------------------------------------------------------------------------- loading
     @staticmethod
-    def check_model_dir(model_dir: str | Path, *, need_text: bool = True, need_vae: bool = True) -> None:
-        """Raises FileNotFoundError naming every missing sub-folder of ``model_dir``."""
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist")
-        needed = ["transformer"] + (["vae"] if need_vae else []) + (list(TEXT_SUBFOLDERS) if need_text else [])
-        missing = [d for d in needed if not (model_dir / d).is_dir()]
+    def check_model_dir(model_dir: str | Path, *, need_text: bool = True, need_vae: bool = True, checkpoint: int | None = None):
+        """Resolve ``model_dir`` (a run directory, ``RUN_DIR/pipeline``, a diffusers ContentV directory or our
+        converted one; ``contentv_jax.runs.resolve``) and check that the parts needed are there, before loading.
+
+        Returns the ``contentv_jax.runs.ModelSource``.
+        Raises:
+          FileNotFoundError: not a model or a run, a run without weights, or missing parts (every one named).
+          ValueError: ``checkpoint`` for a directory that is not a run, or a step the run does not have (the
+            message lists the steps it has).
+        """
+        from contentv_jax import runs
+
+        src = runs.resolve(model_dir, checkpoint)
+        if src.kind == "model dir":
+            needed = (["vae"] if need_vae else []) + (list(TEXT_SUBFOLDERS) if need_text else [])
+            missing = [d for d in needed if not (src.root / d).is_dir()]
+            if missing:
+                raise FileNotFoundError(
+                    f"model directory {model_dir} lacks sub-folder(s) {missing} (a ContentV directory has "
+                    f"transformer/, vae/, scheduler/, text_encoder{{,_2,_3}}/, tokenizer{{,_2,_3}}/)"
+                )
+            return src
+        missing = [what for what, need, part in (
+            ("its VAE (vae.path of its config.yaml, or assets/vae)", need_vae, src.vae),
+            ("its text encoders (text.path of its config.yaml, or assets/text)", need_text, src.text),
+        ) if need and part is None]
         if missing:
-            raise FileNotFoundError(
-                f"model directory {model_dir} lacks sub-folder(s) {missing} "
-                f"(a ContentV directory has transformer/, vae/, scheduler/, text_encoder{{,_2,_3}}/, tokenizer{{,_2,_3}}/)"
-            )
+            raise FileNotFoundError(f"run {src.root} lacks {' and '.join(missing)}")
+        return src
 
     @classmethod
     def from_pretrained(
@@ -484,39 +503,46 @@ class ContentVPipeline:
         vae_tiling: bool = False,
         offload: bool = False,
         shift: float | None = None,
+        checkpoint: int | None = None,
         load_text_encoders: bool = True,
         load_vae: bool = True,
         text_encoder_dtype=None,
         text_encoder_device: str | None = "cpu",
     ) -> ContentVPipeline:
-        """Load the parts of a ContentV directory (checked first: missing sub-folders raise FileNotFoundError).
+        """Load a model (checked first: missing parts raise before anything is loaded).
 
         Args:
-          pretrained_model_name_or_path: a local directory (diffusers' ContentV layout or our converted one).
+          pretrained_model_name_or_path: a local directory: a diffusers ContentV directory (``transformer/``,
+            ``vae/``, ``scheduler/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``), the same with our
+            converted checkpoints, a training run directory (``python -m contentv_jax.train``: its
+            ``pipeline/``, else its exported weights, else its latest checkpoint) or a run's ``pipeline/``.
           dtype: transformer dtype (a name such as ``"bfloat16"`` or a JAX dtype), for its parameters and
             matmuls (None: float32; the official demo uses bfloat16). The VAE runs in float32, as in the demo.
           mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
           attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
           vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling`` sizes).
           offload: keep parameters in host memory; each model goes to the device only while it runs.
-          shift: flow shift; None reads ``scheduler/scheduler_config.json``, else 17 (ContentV report
-            (arXiv 2506.05343), section 5.1).
+          shift: flow shift; None: ``scheduler/scheduler_config.json``, else the run's ``sampling.shift``, else
+            17 (ContentV report (arXiv 2506.05343), section 5.1).
+          checkpoint: sample training checkpoint ``RUN_DIR/checkpoints/<checkpoint>`` of a run (its EMA weights
+            when the run keeps an EMA) instead of the exported weights.
           load_text_encoders / load_vae: False when prompt embeddings / latents are all you need.
           text_encoder_dtype: torch dtype of the three text encoders (a name such as ``"bfloat16"`` or a
             ``torch.dtype``; None: float32; the official demo runs them in bfloat16).
           text_encoder_device: torch device of the text encoders (``"cpu"``, ``"cuda"``, ``"npu"``, ...;
             ``"auto"`` or None: the NPU when ``USE_ASCEND_NPU`` / detection says so, else CUDA if available).
         Raises:
-          FileNotFoundError: the directory or one of the needed sub-folders is missing (all named).
-          ValueError: a bad dtype, kernel or device name.
+          FileNotFoundError: not a model or a run, or needed parts missing (all named, with what was looked for).
+          ValueError: a checkpoint step the run lacks (its steps listed), a bad dtype, kernel or device name.
         """
-        model_dir = Path(pretrained_model_name_or_path)
-        cls.check_model_dir(model_dir, need_text=load_text_encoders, need_vae=load_vae)
-        if shift is None:
-            shift = flow.scheduler_shift(model_dir / "scheduler" / "scheduler_config.json")
-        dims = transformer_dims(model_dir / "transformer")
-        from contentv_jax.checkpoints import load_transformer
+        from contentv_jax import runs
 
+        src = cls.check_model_dir(pretrained_model_name_or_path, need_text=load_text_encoders, need_vae=load_vae,
+                                  checkpoint=checkpoint)
+        if shift is None:
+            default = flow.DEFAULT_SAMPLING_SHIFT if src.shift is None else src.shift
+            shift = flow.scheduler_shift(src.scheduler_config, default=default)
+        dims = transformer_dims(src.transformer_config)
         if dtype is not None:
             dtype = jnp.dtype(dtype).name
         if attention_kernel is not None:
@@ -525,17 +551,23 @@ class ContentVPipeline:
             if attention_kernel not in KERNELS:
                 raise ValueError(f"attention_kernel {attention_kernel!r} is not one of {KERNELS}")
         overrides = {} if attention_kernel is None else {"attention_kernel": attention_kernel}
-        transformer = load_transformer(model_dir / "transformer", dtype=dtype, param_dtype=dtype, **overrides)
+        if src.checkpoint is not None:
+            logger.info("sampling training checkpoint %s", src.checkpoint)
+            transformer = runs.load_checkpoint_transformer(src, dtype=dtype, **overrides)
+        else:
+            from contentv_jax.checkpoints import load_transformer
+
+            transformer = load_transformer(src.transformer, dtype=dtype, param_dtype=dtype, **overrides)
         vae = None
         if load_vae:
             from contentv_jax.checkpoints import load_vae as _load_vae
 
-            vae = _load_vae(model_dir / "vae")
+            vae = _load_vae(src.vae)
         text = None
         if load_text_encoders:
             from contentv_jax.text import TextEncoders
 
-            text = TextEncoders.from_pretrained(model_dir, dtype=text_encoder_dtype, device=text_encoder_device)
+            text = TextEncoders.from_pretrained(src.text, dtype=text_encoder_dtype, device=text_encoder_device)
         return cls(transformer, vae, text, shift=shift, mesh=mesh, vae_tiling=vae_tiling, offload=offload, **dims)
 
     # ------------------------------------------------------------------------------------------- progress bar

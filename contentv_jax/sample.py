@@ -2,13 +2,20 @@
 
 Examples::
 
+    python -m contentv_jax.sample --model runs/tiny --prompt "a red circle moving right" --out a.mp4
+    python -m contentv_jax.sample --model runs/tiny --checkpoint 100 --prompt "a red circle moving right" --out b.mp4
     python -m contentv_jax.sample --model ContentV-8B --prompt "A young musician ..." --out video.mp4
     python -m contentv_jax.sample --model ContentV-8B --prompts-file scene.txt --out videos/ --videos-per-prompt 5
     python -m contentv_jax.sample --model ContentV-8B --prompt "..." mesh.fsdp=1 mesh.sequence=4 --chunked-attention
 
 Defaults are the official pipeline's (github bytedance/ContentV ``contentv_pipeline.py`` / ``demo.py``):
 125 frames, 432x768, 50 steps, guidance 6.0, the demo's negative prompt, 24 fps, flow shift from the model
-directory's ``scheduler/scheduler_config.json`` (17 if it has none), transformer in bfloat16, VAE in float32.
+directory's ``scheduler/scheduler_config.json`` (a run's ``sampling.shift``; else 17), transformer in bfloat16, VAE
+in float32. ``--model`` is a training run directory (its ``pipeline/``, else its exported weights, else its latest
+checkpoint; ``--checkpoint STEP`` picks a training checkpoint), a run's ``pipeline/``, a diffusers ContentV
+directory or our converted one (``contentv_jax.runs.resolve``). The CLI is a thin layer over
+:class:`contentv_jax.pipeline.ContentVPipeline` (``from contentv_jax import ContentVPipeline``): the same call
+gives the same frames.
 
 Outputs (``--output-type``): ``mp4`` (one file per video), ``frames`` (float32 .npy (B, F, H, W, 3) in [0, 1]),
 ``latent`` (float32 .npy (B, T, H/8, W/8, C), the final normalised latents). With ``--prompts-file`` every line is
@@ -23,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import sys
@@ -34,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from contentv_jax import pipeline as pl
+from contentv_jax.outputs import NAME_MAX_BYTES, safe_file_name, vbench_name, write_prompt_map  # noqa: F401
 from contentv_jax.config import ConfigError, apply_overrides
 from contentv_jax.sharding.mesh import MeshConfig
 
@@ -49,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample videos from a ContentV checkpoint (flow-shift Euler with classifier-free guidance).",
         epilog="Trailing mesh.data=N mesh.fsdp=N mesh.sequence=N set the device mesh (sequence > 1: Ulysses).",
     )
-    p.add_argument("--model", required=True, help="ContentV directory: transformer/, vae/, scheduler/, "
-                   "text_encoder{,_2,_3}/, tokenizer{,_2,_3}/ (diffusers layout or our converted checkpoints)")
+    p.add_argument("--model", required=True, help="a training run directory (python -m contentv_jax.train), its "
+                   "pipeline/, or a ContentV directory: transformer/, vae/, scheduler/, text_encoder{,_2,_3}/, "
+                   "tokenizer{,_2,_3}/ (diffusers layout or our converted checkpoints)")
+    p.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                   help="sample the run's training checkpoint of this step (its EMA weights when it keeps one)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts-file", type=Path, help="one prompt per line; one video per line and index")
@@ -127,47 +136,6 @@ def read_prompts(prompts_file: Path, names_file: Path | None = None, limit: int 
     return prompts, names
 
 
-# File names are at most 255 bytes on ext4, XFS, APFS and NTFS; ours stay under 200 so that the temporary
-# sibling each file is first written to (``.<name>.<random>.tmp<suffix>``) fits as well.
-NAME_MAX_BYTES = 200
-NAME_HASH_CHARS = 16
-PROMPT_MAP = "prompts.json"
-
-
-def safe_file_name(stem: str, tail: str = "") -> str:
-    """``stem + tail`` as a file name: path separators become ``_``; over :data:`NAME_MAX_BYTES` bytes the stem
-    keeps a readable prefix and ends with ``~`` plus the first :data:`NAME_HASH_CHARS` hex digits of its
-    SHA-256, so the name is deterministic and distinct stems stay distinct: ``<prefix>~<hash><tail>``."""
-    clean = stem.replace(os.sep, "_").replace("\0", "_")
-    if os.altsep:
-        clean = clean.replace(os.altsep, "_")
-    if len((clean + tail).encode("utf-8")) <= NAME_MAX_BYTES:
-        return clean + tail
-    digest = "~" + hashlib.sha256(stem.encode("utf-8")).hexdigest()[:NAME_HASH_CHARS]
-    budget = NAME_MAX_BYTES - len((digest + tail).encode("utf-8"))
-    prefix = clean.encode("utf-8")[:budget].decode("utf-8", errors="ignore").rstrip()
-    return prefix + digest + tail
-
-
-def vbench_name(prompt: str, index: int, suffix: str = ".mp4") -> str:
-    """VBench's file name ``<prompt>-<index>.mp4``, shortened as :func:`safe_file_name` when too long."""
-    return safe_file_name(prompt, f"-{index}{suffix}")
-
-
-def write_prompt_map(out_dir: Path, entries: dict[str, str]) -> Path:
-    """Merge ``{file name: prompt}`` into ``out_dir/prompts.json`` (written to a temporary sibling, then renamed)."""
-    path = out_dir / PROMPT_MAP
-    mapping = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    mapping.update(entries)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{PROMPT_MAP}.", suffix=".tmp", dir=out_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(dict(sorted(mapping.items())), f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npy", dir=path.parent)
@@ -217,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             if kernel not in KERNELS:
                 raise ValueError(f"--attention-kernel {kernel!r} is not one of {KERNELS}")
         need_text = args.prompt_embeds is None
-        pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent")
-        dims = pl.transformer_dims(Path(args.model) / "transformer")
+        src = pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent",
+                                                  checkpoint=args.checkpoint)
+        dims = pl.transformer_dims(src.transformer_config)
         guidance = args.guidance_scale > 1.0
         embeds = None
         if args.prompt_embeds is not None:
@@ -261,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         vae_tiling=args.vae_tiling,
         offload=args.offload,
         shift=args.shift,
+        checkpoint=args.checkpoint,
         load_text_encoders=need_text,
         load_vae=args.output_type != "latent",
         text_encoder_dtype=args.text_encoder_dtype,

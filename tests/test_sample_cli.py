@@ -144,3 +144,27 @@ def test_names_file_line_count_mismatch_is_refused_before_compute(fake_dir, tmp_
     assert "--names-file" in err and "has 2 names" in err and "has 3 prompts" in err
     assert main(["--model", str(fake_dir), "--prompt", "a cat", "--names-file", str(tmp_path / "n.txt")]) == 2
     assert "give --prompts-file too" in capsys.readouterr().err
+
+
+def test_model_resolution_errors_say_what_was_looked_for(tmp_path, capsys):
+    """--model that is neither a model nor a run, a run without weights, a --checkpoint step the run lacks."""
+    from contentv_jax import runs
+
+    (tmp_path / "nothing").mkdir()
+    assert main(["--model", str(tmp_path / "nothing"), "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a model: looked for" in err and "transformer/config.json" in err and "config.yaml" in err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("run_dir: run\n")
+    assert main(["--model", str(run), "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "has no weights to sample: looked for" in err and "model_index.json" in err and "checkpoints" in err
+    for step in (10, 20):
+        (run / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    (run / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # an uncommitted save is not a step
+    assert runs.checkpoint_steps(run) == [10, 20]
+    assert main(["--model", str(run), "--prompt", "a cat", "--checkpoint", "15"]) == 2
+    assert "has no checkpoint 15; its checkpoints: [10, 20]" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nothing"), "--prompt", "a cat", "--checkpoint", "10"]) == 2
+    assert "needs a training run directory" in capsys.readouterr().err

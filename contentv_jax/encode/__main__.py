@@ -54,11 +54,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
     2: bad arguments or a config mistake (argparse's usage line and message).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from converters.common import CheckpointError
-
     try:
         stats = main(argv)
-    except (FileNotFoundError, NotADirectoryError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # CheckpointError and ConfigError included
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not stats.records:

@@ -142,11 +142,42 @@ class CheckpointSection:
 
 @dataclasses.dataclass
 class LoggingSection:
-    """Metrics every ``every`` steps to TensorBoard (``tensorboard``) and ``metrics.jsonl``; tqdm bar."""
+    """Metrics every ``every`` steps to TensorBoard (``tensorboard``) and ``metrics.jsonl``; tqdm bar.
+
+    ``sample_every``: every that many steps (0: never) sample the ``sampling`` section's prompts with the weights
+    the run would export (the EMA when enabled), write the mp4s under ``<run_dir>/samples/<step>/`` and log a
+    frame grid and the clips to TensorBoard (``samples/...``).
+    """
 
     every: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    sample_every: int = 0
+
+
+DEFAULT_SAMPLE_PROMPTS = ("a red circle moving right on a blue background", "a small green square moving up on a black background")
+
+
+@dataclasses.dataclass
+class SamplingSection:
+    """How the trained model samples: the flow ``shift`` written to ``<run_dir>/pipeline/scheduler/
+    scheduler_config.json`` (17, the report's sampling shift: ContentV report (arXiv 2506.05343), section 5.1,
+    "Flow Shift") and the previews ``logging.sample_every`` draws: ``prompts`` against ``negative_prompt``
+    (the empty prompt by default: what caption dropout trains as the unconditional branch), ``steps`` Euler
+    steps at ``guidance_scale``, ``num_frames`` x ``height`` x ``width`` pixels (0: the largest bucket,
+    ``buckets.max_*``), noise from ``seed``, written at ``fps`` (0: ``data.fps``).
+    """
+
+    shift: float = 17.0
+    prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 6.0
+    num_frames: int = 0
+    height: int = 0
+    width: int = 0
+    seed: int = 0
+    fps: float = 0.0
 
 
 @dataclasses.dataclass
@@ -167,6 +198,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
 
 
 DEFAULT_CONFIG = "tiny"  # the shipped configs/train/tiny.yaml (contentv_jax.config.find_config)
@@ -239,6 +271,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     if cfg.logging.every < 1:
         err("logging.every", f"must be >= 1, got {cfg.logging.every}")
+    if cfg.logging.sample_every < 0:
+        err("logging.sample_every", f"must be >= 0 (0: no samples), got {cfg.logging.sample_every}")
+    sm = cfg.sampling
+    if sm.shift <= 0:
+        err("sampling.shift", f"must be > 0, got {sm.shift}")
+    if cfg.logging.sample_every:
+        if not sm.prompts or not all(isinstance(q, str) and q.strip() for q in sm.prompts):
+            err("sampling.prompts", f"must be a non-empty list of non-empty prompts when logging.sample_every > 0, got {sm.prompts!r}")
+        if sm.steps < 1:
+            err("sampling.steps", f"must be >= 1, got {sm.steps}")
+        if sm.num_frames and (sm.num_frames - 1) % VAE_TEMPORAL_FACTOR:
+            err("sampling.num_frames", f"must be 4k+1 (or 0: buckets.max_frames), got {sm.num_frames}")
+        for key, v in (("sampling.height", sm.height), ("sampling.width", sm.width)):
+            if v and (v < unit or v % unit):
+                err(key, f"must be a positive multiple of {unit} (or 0: the largest bucket), got {v}")
+        if sm.fps < 0:
+            err("sampling.fps", f"must be >= 0 (0: data.fps), got {sm.fps}")
     for key, v in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.sequence", cfg.mesh.sequence)):
         if v < 1 and v != -1:
             err(key, f"must be >= 1 or -1, got {v}")
