@@ -8,7 +8,6 @@ Stage configs follow the ContentV report's Table 2 (reference doc section 5).
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from contentv_jax.config import ConfigError, find_config, load_config
 from contentv_jax.sharding.mesh import MeshConfig
