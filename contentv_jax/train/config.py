@@ -2,7 +2,7 @@
 
 Loaded with :func:`contentv_jax.config.load_config` (unknown keys are errors naming the dotted key).
 :func:`validate` then checks shapes and values before any work (an impossible shape names its key).
-Stage configs follow the ContentV report's Table 2 (reference doc section 5).
+Stage configs follow ContentV report (arXiv 2506.05343), section 5.3, Table 2.
 """
 
 from __future__ import annotations

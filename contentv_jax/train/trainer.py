@@ -5,7 +5,7 @@ checkpoints), the text encoders and VAE (tiny random ones saved and reloaded thr
 code when no path is given), the dataset (synthetic when no ``data.dir``), the encode stage (cached),
 then trains with Orbax checkpointing, automatic resume, TensorBoard / ``metrics.jsonl`` logging.
 
-The step (report section 5, reference doc section 4; diffusers' SD3 training recipe):
+The step (ContentV report (arXiv 2506.05343), section 5.1; diffusers' SD3 training recipe):
 ``sigma = shift(sigmoid(N(m, s^2)))``, ``x_sigma = (1 - sigma) x0 + sigma noise``, loss
 ``mean((v_theta(x_sigma, 1000 sigma, text) - (noise - x0))^2)``, caption dropout to the empty prompt,
 AdamW with warmup and global-norm clipping on float32 master weights, compute in ``model.dtype``.
