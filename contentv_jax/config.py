@@ -24,6 +24,54 @@ class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type; the message names the key."""
 
 
+def configs_dir() -> Path:
+    """The directory of the shipped configs (``train/*.yaml``, ``model/*.yaml``).
+
+    An installed wheel carries them as package data in ``contentv_jax/configs`` (the repository's top-level
+    ``configs/``, mapped by ``setup.py``); a source checkout or an editable install reads ``configs/`` beside
+    the package. Raises FileNotFoundError naming both places when neither exists (a broken install).
+    """
+    here = Path(__file__).resolve().parent
+    candidates = (here / "configs", here.parent / "configs")
+    for c in candidates:
+        if (c / "train").is_dir():
+            return c
+    raise FileNotFoundError(
+        "the shipped configs are missing: looked for " + " and ".join(f"{c}/train" for c in candidates)
+        + " (reinstall contentv-jax, or run from a checkout)"
+    )
+
+
+def find_config(name: str | Path, kind: str = "train") -> Path:
+    """A config file: ``name`` itself when it exists, else a shipped config of that name.
+
+    ``find_config("stage3")``, ``find_config("stage3.yaml")``, ``find_config("configs/train/stage3.yaml")``
+    (the repository path, from any working directory) all give the shipped ``train/stage3.yaml``.
+
+    Raises:
+      FileNotFoundError: naming every path looked at.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    looked = [path]
+    parts = path.parts
+    if not path.is_absolute():
+        rel = Path(*parts[1:]) if parts and parts[0] == "configs" else path
+        if len(rel.parts) == 1:
+            rel = Path(kind) / rel
+        if rel.suffix not in (".yaml", ".yml"):
+            rel = rel.with_name(rel.name + ".yaml")
+        try:
+            shipped = configs_dir() / rel
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config {str(name)!r} not found: looked for {path}; {e}") from None
+        if shipped.is_file():
+            return shipped
+        looked.append(shipped)
+    raise FileNotFoundError(f"config {str(name)!r} not found: looked for " + ", ".join(map(str, looked)))
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

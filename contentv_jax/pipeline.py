@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,10 @@ class PromptEmbeds:
                 f"got {self.negative_pooled_prompt_embeds.shape}"
             )
 
+    def as_kwargs(self) -> dict[str, np.ndarray | None]:
+        """The four arrays as :meth:`ContentVPipeline.__call__` keyword arguments."""
+        return {k: getattr(self, k) for k in self.KEYS}
+
     def repeat(self, n: int) -> PromptEmbeds:
         """Each prompt repeated ``n`` times consecutively (diffusers' ``num_images_per_prompt``)."""
         return PromptEmbeds(*(None if a is None else np.repeat(a, n, axis=0) for a in dataclasses.astuple(self)))
@@ -311,7 +316,7 @@ def denoise(
     *,
     dtype=None,
     mesh: Mesh | None = None,
-    progress: bool = False,
+    progress: bool | dict = False,
 ) -> jax.Array:
     """Run the flow-matching Euler loop with classifier-free guidance (one compiled ``fori_loop``).
 
@@ -326,7 +331,7 @@ def denoise(
         float32). Parameters are used as they are stored.
       mesh: if given, parameters are sharded by their logical names and activations constrained by
         ``contentv_jax.sharding.logical.DEFAULT_RULES`` (``sequence`` > 1 runs Ulysses attention).
-      progress: show a tqdm bar over steps.
+      progress: show a tqdm bar over steps (a dict: tqdm options of the bar).
     Returns:
       final latents (B, T, H, W, C), float32 (still normalised; see :func:`decode_latents`).
     """
@@ -346,7 +351,8 @@ def denoise(
     if progress:
         from tqdm.auto import tqdm
 
-        _ACTIVE_BAR[0] = tqdm(total=len(sigmas) - 1, desc="denoising", unit="step")
+        bar_kwargs = {"desc": "denoising", "unit": "step"} | (progress if isinstance(progress, dict) else {})
+        _ACTIVE_BAR[0] = tqdm(total=len(sigmas) - 1, **bar_kwargs)
     try:
         with activation_sharding(mesh) if mesh is not None else contextlib.nullcontext():
             # Parameters go to the device(s) here (a no-op if they are there already in this dtype and layout).
@@ -363,7 +369,7 @@ def denoise(
                 jnp.asarray(sigmas, jnp.float32),
                 jnp.float32(guidance_scale),
                 guidance=guidance,
-                progress=progress,
+                progress=bool(progress),
                 mesh=mesh,
             )
             out = jax.block_until_ready(out)
@@ -528,12 +534,14 @@ def _read_json(path: Path) -> dict:
 
 
 def transformer_dims(transformer_dir: str | Path) -> dict[str, int]:
-    """``in_channels``, ``context_dim`` and ``pooled_dim`` of a transformer checkpoint, from its ``config.json``.
+    """``in_channels``, ``context_dim`` and ``pooled_dim`` of a transformer checkpoint, from its ``config.json``
+    (``transformer_dir`` may also be the JSON file itself, e.g. a run's ``model_config.json``).
 
     Diffusers' directories and our checkpoints use the same keys (``in_channels``, ``joint_attention_dim``,
     ``pooled_projection_dim``). Raises FileNotFoundError / ValueError if the config is missing or lacks them.
     """
-    path = Path(transformer_dir) / "config.json"
+    path = Path(transformer_dir)
+    path = path if path.suffix == ".json" else path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: not a transformer checkpoint")
     cfg = _read_json(path)
@@ -553,7 +561,10 @@ def transformer_dims(transformer_dir: str | Path) -> dict[str, int]:
 
 @dataclasses.dataclass
 class SamplingOptions:
-    """What one call of :class:`ContentVPipeline` generates (official defaults)."""
+    """What one call of :class:`ContentVPipeline` generates (official defaults), under our older names.
+
+    ``pipe(prompt, **opts.as_kwargs())`` is ``pipe(prompt, num_frames=..., num_inference_steps=..., ...)``.
+    """
 
     num_frames: int = 125
     height: int = 432
@@ -563,12 +574,56 @@ class SamplingOptions:
     shift: float | None = None  # None: the model directory's scheduler config, else 17
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
 
+    def as_kwargs(self) -> dict[str, Any]:
+        """The same options as :meth:`ContentVPipeline.__call__` keyword arguments (diffusers' names)."""
+        return dict(
+            num_frames=self.num_frames, height=self.height, width=self.width, num_inference_steps=self.num_steps,
+            guidance_scale=self.guidance_scale, shift=self.shift, max_sequence_length=self.max_sequence_length,
+        )
+
+
+@dataclasses.dataclass
+class ContentVPipelineOutput:
+    """What :meth:`ContentVPipeline.__call__` returns, as diffusers' ``WanPipelineOutput``.
+
+    ``frames``: with ``output_type="np"`` the videos, float32 NumPy (B, F, H, W, 3) in [0, 1] (channels-last,
+    B = prompts x ``num_videos_per_prompt``); with ``output_type="latent"`` the final normalised latents,
+    float32 (B, T, H / 8, W / 8, C).
+    """
+
+    frames: np.ndarray
+
+
+OUTPUT_TYPES = ("np", "latent")
+CALLBACK_TENSOR_INPUTS = ("latents",)
+
+
+def _torch_noise(shape: Sequence[int], generator) -> np.ndarray:
+    """diffusers' ``randn_tensor`` on the CPU in the official ``(B, C, T, H, W)`` layout, moved channels-last.
+
+    ``generator``: a ``torch.Generator``, a list of one per video (each video drawn with its own, as diffusers
+    does), or None (torch's global generator, as diffusers without a generator).
+    """
+    import torch
+
+    b, t, h, w, c = shape
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != b:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {b} videos; pass one per video")
+        noise = torch.cat([torch.randn((1, c, t, h, w), generator=g, dtype=torch.float32) for g in generator])
+    else:
+        noise = torch.randn((b, c, t, h, w), generator=generator, dtype=torch.float32)
+    return np.ascontiguousarray(noise.permute(0, 2, 3, 4, 1).numpy())
+
 
 class ContentVPipeline:
-    """Text -> video with a ContentV checkpoint directory (diffusers layout or our converted one).
+    """Text -> video with a ContentV model directory, called like diffusers' pipelines.
 
-    ``model_dir`` holds ``transformer/``, ``vae/``, optionally ``scheduler/scheduler_config.json`` (the flow
-    shift) and, unless prompt embeddings are given, ``text_encoder{,_2,_3}/`` and ``tokenizer{,_2,_3}/``.
+    ``pipe = ContentVPipeline.from_pretrained(path)``; ``pipe(prompt=...).frames`` is float32 NumPy
+    (B, F, H, W, 3) in [0, 1]; :func:`export_to_video` writes one video to an mp4. ``path`` holds
+    ``transformer/``, ``vae/``, optionally ``scheduler/scheduler_config.json`` (the flow shift) and, unless
+    prompt embeddings are given, ``text_encoder{,_2,_3}/`` and ``tokenizer{,_2,_3}/`` (the diffusers layout;
+    our converted checkpoints load as well). Mirrors github bytedance/ContentV ``contentv_pipeline.py``.
     """
 
     def __init__(
@@ -599,179 +654,328 @@ class ContentVPipeline:
         if self.offload_mode == "sequential" and mesh is not None:
             raise ValueError("offload='sequential' runs on one device; use FSDP on a mesh instead (mesh.fsdp=N)")
         self.on_block = None  # sequential offload: on_block(step, layer) after each block (memory monitoring)
+        self._progress_bar_config: dict[str, Any] = {}
+        # (prompt, max_sequence_length) -> (prompt_embeds (1, L, D), pooled (1, P)) for negative / empty
+        # prompts: encoded once per pipeline, however many calls use them.
+        self._negative_cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         if self.offload:
             # Parameters live in host memory; each part goes to the device only while it runs.
             nnx.update(transformer, to_host_memory(nnx.state(transformer)))
             if vae is not None:
                 nnx.update(vae, to_host_memory(nnx.state(vae)))
 
+    # ------------------------------------------------------------------------------------------------- loading
     @staticmethod
-    def check_model_dir(model_dir: str | Path, *, need_text: bool = True, need_vae: bool = True) -> None:
-        """Raises FileNotFoundError naming every missing sub-folder of ``model_dir``."""
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {model_dir} does not exist")
-        needed = ["transformer"] + (["vae"] if need_vae else []) + (list(TEXT_SUBFOLDERS) if need_text else [])
-        missing = [d for d in needed if not (model_dir / d).is_dir()]
+    def check_model_dir(model_dir: str | Path, *, need_text: bool = True, need_vae: bool = True, checkpoint: int | None = None):
+        """Resolve ``model_dir`` (a run directory, ``RUN_DIR/pipeline``, a diffusers ContentV directory or our
+        converted one; ``contentv_jax.runs.resolve``) and check that the parts needed are there, before loading.
+
+        Returns the ``contentv_jax.runs.ModelSource``.
+        Raises:
+          FileNotFoundError: not a model or a run, a run without weights, or missing parts (every one named).
+          ValueError: ``checkpoint`` for a directory that is not a run, or a step the run does not have (the
+            message lists the steps it has).
+        """
+        from contentv_jax import runs
+
+        src = runs.resolve(model_dir, checkpoint)
+        if src.kind == "model dir":
+            needed = (["vae"] if need_vae else []) + (list(TEXT_SUBFOLDERS) if need_text else [])
+            missing = [d for d in needed if not (src.root / d).is_dir()]
+            if missing:
+                raise FileNotFoundError(
+                    f"model directory {model_dir} lacks sub-folder(s) {missing} (a ContentV directory has "
+                    f"transformer/, vae/, scheduler/, text_encoder{{,_2,_3}}/, tokenizer{{,_2,_3}}/)"
+                )
+            return src
+        missing = [what for what, need, part in (
+            ("its VAE (vae.path of its config.yaml, or assets/vae)", need_vae, src.vae),
+            ("its text encoders (text.path of its config.yaml, or assets/text)", need_text, src.text),
+        ) if need and part is None]
         if missing:
-            raise FileNotFoundError(
-                f"model directory {model_dir} lacks sub-folder(s) {missing} "
-                f"(a ContentV directory has transformer/, vae/, scheduler/, text_encoder{{,_2,_3}}/, tokenizer{{,_2,_3}}/)"
-            )
+            raise FileNotFoundError(f"run {src.root} lacks {' and '.join(missing)}")
+        return src
 
     @classmethod
     def from_pretrained(
         cls,
-        model_dir: str | Path,
+        pretrained_model_name_or_path: str | Path,
         *,
-        load_text_encoders: bool = True,
-        load_vae: bool = True,
-        shift: float | None = None,
         dtype=None,
         mesh: Mesh | None = None,
         attention_kernel: str | None = None,
         vae_tiling: bool = False,
         offload: bool | str = False,
         vae_slicing: bool = False,
+        shift: float | None = None,
+        checkpoint: int | None = None,
+        load_text_encoders: bool = True,
+        load_vae: bool = True,
+        text_encoder_dtype=None,
+        text_encoder_device: str | None = "cpu",
     ) -> ContentVPipeline:
-        """Load the parts of ``model_dir`` (checked first: missing sub-folders raise FileNotFoundError).
+        """Load a model (checked first: missing parts raise before anything is loaded).
 
         Args:
-          shift: flow shift; None reads ``scheduler/scheduler_config.json``, else 17 (report section 4).
-          dtype: transformer dtype name, for its parameters and matmuls (None: float32; the official demo uses
-            "bfloat16"). The VAE runs in float32, as in the official demo.
-          attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
+          pretrained_model_name_or_path: a local directory: a diffusers ContentV directory (``transformer/``,
+            ``vae/``, ``scheduler/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``), the same with our
+            converted checkpoints, a training run directory (``python -m contentv_jax.train``: its
+            ``pipeline/``, else its exported weights, else its latest checkpoint) or a run's ``pipeline/``.
+          dtype: transformer dtype (a name such as ``"bfloat16"`` or a JAX dtype), for its parameters and
+            matmuls (None: float32; the official demo uses bfloat16). The VAE runs in float32, as in the demo.
           mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
-          vae_tiling: decode in spatial tiles.
+          attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
+          vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling`` sizes).
           offload: one of :data:`OFFLOAD_MODES` (``True``: ``"model"``): ``"model"`` keeps parameters in host
             memory, each model goes to the device only while it runs; ``"sequential"`` also streams the
             stacked blocks one at a time during denoising (one device only). Raises ValueError otherwise.
           vae_slicing: decode the videos of a batch one at a time.
+          shift: flow shift; None: ``scheduler/scheduler_config.json``, else the run's ``sampling.shift``, else
+            17 (ContentV report (arXiv 2506.05343), section 5.1).
+          checkpoint: sample training checkpoint ``RUN_DIR/checkpoints/<checkpoint>`` of a run (its EMA weights
+            when the run keeps an EMA) instead of the exported weights.
+          load_text_encoders / load_vae: False when prompt embeddings / latents are all you need.
+          text_encoder_dtype: torch dtype of the three text encoders (a name such as ``"bfloat16"`` or a
+            ``torch.dtype``; None: float32; the official demo runs them in bfloat16).
+          text_encoder_device: torch device of the text encoders (``"cpu"``, ``"cuda"``, ``"npu"``, ...;
+            ``"auto"`` or None: the NPU when ``USE_ASCEND_NPU`` / detection says so, else CUDA if available).
+        Raises:
+          FileNotFoundError: not a model or a run, or needed parts missing (all named, with what was looked for).
+          ValueError: a checkpoint step the run lacks (its steps listed), a bad dtype, kernel or device name.
         """
-        model_dir = Path(model_dir)
-        cls.check_model_dir(model_dir, need_text=load_text_encoders, need_vae=load_vae)
-        if shift is None:
-            shift = flow.scheduler_shift(model_dir / "scheduler" / "scheduler_config.json")
-        dims = transformer_dims(model_dir / "transformer")
-        from contentv_jax.checkpoints import load_transformer
+        from contentv_jax import runs
 
+        src = cls.check_model_dir(pretrained_model_name_or_path, need_text=load_text_encoders, need_vae=load_vae,
+                                  checkpoint=checkpoint)
+        if shift is None:
+            default = flow.DEFAULT_SAMPLING_SHIFT if src.shift is None else src.shift
+            shift = flow.scheduler_shift(src.scheduler_config, default=default)
+        dims = transformer_dims(src.transformer_config)
+        if dtype is not None:
+            dtype = jnp.dtype(dtype).name
+        if attention_kernel is not None:
+            from contentv_jax.models.attention import KERNELS
+
+            if attention_kernel not in KERNELS:
+                raise ValueError(f"attention_kernel {attention_kernel!r} is not one of {KERNELS}")
         overrides = {} if attention_kernel is None else {"attention_kernel": attention_kernel}
-        transformer = load_transformer(model_dir / "transformer", dtype=dtype, param_dtype=dtype, **overrides)
+        if src.checkpoint is not None:
+            logger.info("sampling training checkpoint %s", src.checkpoint)
+            transformer = runs.load_checkpoint_transformer(src, dtype=dtype, **overrides)
+        else:
+            from contentv_jax.checkpoints import load_transformer
+
+            transformer = load_transformer(src.transformer, dtype=dtype, param_dtype=dtype, **overrides)
         vae = None
         if load_vae:
             from contentv_jax.checkpoints import load_vae as _load_vae
 
-            vae = _load_vae(model_dir / "vae")
+            vae = _load_vae(src.vae)
         text = None
         if load_text_encoders:
             from contentv_jax.text import TextEncoders
 
-            text = TextEncoders.from_pretrained(model_dir)
+            text = TextEncoders.from_pretrained(src.text, dtype=text_encoder_dtype, device=text_encoder_device)
         return cls(
-            transformer,
-            vae,
-            text,
-            shift=shift,
-            mesh=mesh,
-            vae_tiling=vae_tiling,
-            offload=offload,
-            vae_slicing=vae_slicing,
-            **dims,
+            transformer, vae, text, shift=shift, mesh=mesh, vae_tiling=vae_tiling, offload=offload,
+            vae_slicing=vae_slicing, **dims,
         )
 
-    # -------------------------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------- progress bar
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options of the denoising bar, as diffusers' ``set_progress_bar_config`` (``disable=True``: none)."""
+        self._progress_bar_config = dict(kwargs)
+
+    def _progress(self) -> dict[str, Any] | bool:
+        if self._progress_bar_config.get("disable", False):
+            return False
+        return {k: v for k, v in self._progress_bar_config.items() if k != "disable"} or True
+
+    # ------------------------------------------------------------------------------------------- text encoding
+    def _encode_negative(self, negative: Sequence[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings of negative (or empty) prompts, each distinct one encoded once per pipeline."""
+        todo = sorted({n for n in negative if (n, max_sequence_length) not in self._negative_cache})
+        if todo:
+            pe, pp = self.text_encoders.encode(todo, max_sequence_length=max_sequence_length)
+            for i, n in enumerate(todo):
+                self._negative_cache[(n, max_sequence_length)] = (_np32(pe)[i : i + 1], _np32(pp)[i : i + 1])
+        hits = [self._negative_cache[(n, max_sequence_length)] for n in negative]
+        return np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits])
+
     def encode_prompt(
         self,
-        prompts: Sequence[str],
+        prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         *,
-        guidance: bool = True,
+        do_classifier_free_guidance: bool = True,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ) -> PromptEmbeds:
-        """SD3 text encoding of ``prompts`` and (for guidance) the negative prompt (official default if None)."""
+        """SD3 text encoding of ``prompt`` and, for guidance, of the negative prompt (diffusers' SD3
+        ``encode_prompt``; the official demo's negative prompt when None). Negative prompts are encoded once
+        per pipeline and reused. Returns float32 :class:`PromptEmbeds` of batch ``len(prompt)``.
+
+        Raises:
+          ValueError: no text encoders, or a negative prompt list of another length than ``prompt``.
+        """
         if self.text_encoders is None:
-            raise ValueError("this pipeline has no text encoders: pass prompt embeddings instead of prompts")
-        prompts = list(prompts)
+            raise ValueError("this pipeline has no text encoders: pass prompt_embeds / pooled_prompt_embeds instead")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         pe, pp = self.text_encoders.encode(prompts, max_sequence_length=max_sequence_length)
         embeds = PromptEmbeds(_np32(pe), _np32(pp))
-        if guidance:
-            negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-            negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            if len(negative) != len(prompts):
-                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-            ne, npool = self.text_encoders.encode(negative, max_sequence_length=max_sequence_length)
-            embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds = _np32(ne), _np32(npool)
+        if do_classifier_free_guidance:
+            embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds = self._encode_negative(
+                self._negative_list(negative_prompt, len(prompts)), max_sequence_length
+            )
         return embeds
 
+    @staticmethod
+    def _negative_list(negative_prompt, n: int) -> list[str]:
+        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        negative = [negative] * n if isinstance(negative, str) else list(negative)
+        if len(negative) != n:
+            raise ValueError(f"negative_prompt has {len(negative)} entries for {n} prompts")
+        return negative
+
+    # ------------------------------------------------------------------------------------------------ sampling
     def __call__(
         self,
-        prompts: str | Sequence[str] | None = None,
-        *,
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        embeds: PromptEmbeds | None = None,
-        options: SamplingOptions | None = None,
-        videos_per_prompt: int = 1,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        output_type: str = "frames",
-        progress: bool = False,
-    ) -> np.ndarray:
-        """Generate videos.
+        num_frames: int = 125,
+        height: int = 432,
+        width: int = 768,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        num_videos_per_prompt: int = 1,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+        *,
+        seed: int | None = None,
+        shift: float | None = None,
+    ) -> ContentVPipelineOutput | tuple[np.ndarray]:
+        """Generate videos; the arguments, their order and defaults are diffusers' (``WanPipeline`` /
+        ``StableDiffusion3Pipeline``) and the official ContentV pipeline's.
 
         Args:
-          prompts: a prompt or a list of them (or ``embeds`` instead).
-          negative_prompt: used when ``options.guidance_scale > 1``; the official default when None.
-          embeds: precomputed :class:`PromptEmbeds` (batch B); then no text encoder runs.
-          videos_per_prompt: videos per prompt (consecutive in the batch).
-          seed: seed of the initial noise (see :func:`initial_noise`); ignored when ``latents`` is given.
-          latents: initial noise (B * videos_per_prompt, T, H/8, W/8, C), float32.
-          output_type: ``"frames"`` (float32 (B, F, H, W, 3) in [0, 1]) or ``"latent"`` (normalised latents).
+          prompt: a prompt or a list of them (or ``prompt_embeds`` instead).
+          negative_prompt: the unconditional branch when ``guidance_scale > 1``; None: the official demo's
+            negative prompt (:data:`DEFAULT_NEGATIVE_PROMPT`); ``""`` is the empty prompt.
+          num_frames: pixel frames, rounded down to ``4k + 1`` with a warning as the official pipeline.
+          height, width: pixels, multiples of 16.
+          num_inference_steps: Euler steps. guidance_scale: CFG weight g (guidance runs when g > 1).
+          num_videos_per_prompt: videos per prompt (consecutive in the batch).
+          generator: a ``torch.Generator`` (or one per video) for the initial noise, drawn on the CPU in the
+            official ``(B, C, T, H, W)`` layout as diffusers' ``randn_tensor``; None and no ``seed``: torch's
+            global generator. Ignored when ``latents`` is given.
+          seed: shorthand for ``generator=torch.Generator().manual_seed(seed)`` (the official demo's noise).
+          latents: initial noise, float32 (B, T, H / 8, W / 8, C) channels-last.
+          prompt_embeds (B, L, Dctx), pooled_prompt_embeds (B, Dpool), negative_prompt_embeds,
+            negative_pooled_prompt_embeds: precomputed text conditioning (NumPy, JAX or torch); with
+            guidance and no negative embeddings the negative prompt is encoded.
+          output_type: ``"np"`` (frames) or ``"latent"`` (the final normalised latents).
+          return_dict: False returns the tuple ``(frames,)``.
+          callback_on_step_end: ``callback(pipe, step_index, timestep, callback_kwargs) -> dict`` after each
+            step, as diffusers; ``callback_kwargs["latents"]`` is that step's latents (float32 NumPy,
+            channels-last); a returned ``"latents"`` replaces them. With a callback the steps run one compiled
+            step at a time instead of one compiled loop.
+          callback_on_step_end_tensor_inputs: what ``callback_kwargs`` holds; only ``"latents"``.
+          max_sequence_length: T5 tokens (256 for ContentV).
+          shift: flow shift for this call (None: the pipeline's).
+        Returns:
+          :class:`ContentVPipelineOutput` (``.frames``), or ``(frames,)`` when ``return_dict`` is False.
         Raises:
-          ValueError: bad size, frame count, output type, embedding or latent shapes (all before any compute).
+          ValueError: bad size, frame count, step count, output type, prompt/embedding combination, embedding
+            or latent shapes (all before any compute).
         """
-        opts = options or SamplingOptions()
-        if output_type not in ("frames", "latent"):
-            raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
-        check_video_size(opts.height, opts.width)
-        num_frames = round_num_frames(opts.num_frames)
-        if videos_per_prompt < 1:
-            raise ValueError(f"videos_per_prompt must be >= 1, got {videos_per_prompt}")
-        if opts.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {opts.num_steps}")
-        if output_type == "frames" and self.vae is None:
-            raise ValueError("output_type 'frames' needs a VAE")
-        guidance = opts.guidance_scale > 1.0
-        if embeds is None:
-            if prompts is None:
-                raise ValueError("give prompts or embeds")
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            if self.text_encoders is None:
-                raise ValueError("this pipeline has no text encoders: pass embeds")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_video_size(height, width)
+        num_frames = round_num_frames(num_frames)
+        if num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+        if output_type == "np" and self.vae is None:
+            raise ValueError("output_type 'np' needs a VAE (this pipeline was loaded without one)")
+        if seed is not None and generator is not None:
+            raise ValueError("give seed or generator, not both")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in CALLBACK_TENSOR_INPUTS]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {bad} are not among {list(CALLBACK_TENSOR_INPUTS)}")
+        guidance = guidance_scale > 1.0
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("give prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt or prompt_embeds")
+        embeds = None
+        if prompt_embeds is not None:
+            if pooled_prompt_embeds is None:
+                raise ValueError("prompt_embeds needs pooled_prompt_embeds (the pooled CLIP output) as well")
+            if (negative_prompt_embeds is None) != (negative_pooled_prompt_embeds is None):
+                raise ValueError("give both negative_prompt_embeds and negative_pooled_prompt_embeds, or neither")
+            embeds = PromptEmbeds(
+                _np32(prompt_embeds), _np32(pooled_prompt_embeds),
+                None if negative_prompt_embeds is None else _np32(negative_prompt_embeds),
+                None if negative_pooled_prompt_embeds is None else _np32(negative_pooled_prompt_embeds),
+            )
+            if guidance and embeds.negative_prompt_embeds is None and self.text_encoders is None:
+                raise ValueError(
+                    "guidance_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds "
+                    "(this pipeline has no text encoders to encode the negative prompt)"
+                )
+            embeds.validate(self.context_dim, self.pooled_dim, guidance and embeds.negative_prompt_embeds is not None)
+            batch = embeds.batch
         else:
-            embeds.validate(self.context_dim, self.pooled_dim, guidance)
-        batch = (len(prompts) if embeds is None else embeds.batch) * videos_per_prompt
-        shape = latent_shape(batch, num_frames, opts.height, opts.width, self.in_channels)
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("prompt is an empty list")
+            if self.text_encoders is None:
+                raise ValueError("this pipeline has no text encoders: pass prompt_embeds and pooled_prompt_embeds")
+            if guidance:
+                self._negative_list(negative_prompt, len(prompts))  # checked before any compute
+            batch = len(prompts)
+        batch *= num_videos_per_prompt
+        shape = latent_shape(batch, num_frames, height, width, self.in_channels)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
+            latents = _np32(latents)
             if latents.shape != shape:
                 raise ValueError(
-                    f"latents must have shape {shape} for {num_frames} frames of {opts.height}x{opts.width}, "
-                    f"got {latents.shape}"
+                    f"latents must have shape {shape} for {num_frames} frames of {height}x{width}, got {latents.shape}"
                 )
+        # ---- compute
         if embeds is None:
             embeds = self.encode_prompt(
-                prompts, negative_prompt, guidance=guidance, max_sequence_length=opts.max_sequence_length
+                prompts, negative_prompt, do_classifier_free_guidance=guidance, max_sequence_length=max_sequence_length
             )
-            embeds.validate(self.context_dim, self.pooled_dim, guidance)
-        embeds = embeds.repeat(videos_per_prompt)
+        elif guidance and embeds.negative_prompt_embeds is None:
+            embeds.negative_prompt_embeds, embeds.negative_pooled_prompt_embeds = self._encode_negative(
+                self._negative_list(negative_prompt, embeds.batch), max_sequence_length
+            )
+        embeds.validate(self.context_dim, self.pooled_dim, guidance)
+        embeds = embeds.repeat(num_videos_per_prompt)
         if latents is None:
-            latents = initial_noise(seed, shape)
-        shift = self.shift if opts.shift is None else opts.shift
-        sigmas = flow.sampling_sigmas(opts.num_steps, shift)
-        out = self.denoise(latents, embeds, sigmas, opts.guidance_scale, progress=progress)
+            latents = initial_noise(seed, shape) if seed is not None else _torch_noise(shape, generator)
+        sigmas = flow.sampling_sigmas(num_inference_steps, self.shift if shift is None else shift)
+        if callback_on_step_end is None:
+            out = self.denoise(latents, embeds, sigmas, guidance_scale, progress=self._progress())
+        else:
+            out = self._denoise_with_callback(latents, embeds, sigmas, guidance_scale, callback_on_step_end)
         if output_type == "latent":
-            return np.asarray(out)
-        return self.decode(out)
+            frames = np.asarray(out)
+        else:
+            frames = self.decode(out)
+        return ContentVPipelineOutput(frames=frames) if return_dict else (frames,)
 
     def denoise(self, latents, embeds: PromptEmbeds, sigmas, guidance_scale: float, *, progress: bool = False):
         """The Euler loop with this pipeline's transformer, mesh and offload mode (:func:`denoise`, or
@@ -793,6 +997,60 @@ class ContentVPipeline:
             graphdef, state = nnx.split(vae)
             vae = nnx.merge(graphdef, place_state(state, None))
         return decode_latents(vae, latents, tiling=self.vae_tiling, slicing=self.vae_slicing)
+
+    def _denoise_with_callback(self, latents, embeds, sigmas, guidance_scale, callback) -> np.ndarray:
+        """The Euler loop one compiled step at a time (:func:`denoise` over ``sigmas[i : i + 2]``), calling
+        ``callback(self, i, sigma_i * 1000, {"latents": ...})`` after each step as diffusers does."""
+        progress = self._progress()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(sigmas) - 1, **({"desc": "denoising", "unit": "step"} | (progress if isinstance(progress, dict) else {})))
+        x = latents
+        try:
+            for i in range(len(sigmas) - 1):
+                x = np.asarray(self.denoise(x, embeds, sigmas[i : i + 2], guidance_scale))
+                ret = callback(self, i, float(sigmas[i]) * flow.NUM_TRAIN_TIMESTEPS, {"latents": x})
+                if ret and "latents" in ret:
+                    new = _np32(ret["latents"])
+                    if new.shape != x.shape:
+                        raise ValueError(f"callback_on_step_end returned latents of shape {new.shape}, expected {x.shape}")
+                    x = new
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return x
+
+
+def export_to_video(video_frames, output_video_path: str | Path | None = None, fps: float = 24) -> str:
+    """Write one video to an H.264 mp4, in diffusers' ``export_to_video`` argument order; returns the path.
+
+    Args:
+      video_frames: (F, H, W, 3) float in [0, 1] or uint8 (e.g. ``pipe(...).frames[0]``), or a list of
+        (H, W, 3) arrays or PIL images. H and W must be even.
+      output_video_path: where to write (None: a new temporary ``.mp4`` file, as diffusers).
+      fps: frames per second (ContentV's demo writes 24).
+    Raises:
+      ValueError: bad shape, dtype, odd size or non-positive fps (``contentv_jax.data.video.write_video``).
+    """
+    import tempfile
+
+    from contentv_jax.data.video import write_video
+
+    if isinstance(video_frames, (list, tuple)):
+        video_frames = np.stack([np.asarray(f) for f in video_frames])
+    video_frames = np.asarray(video_frames)
+    if video_frames.ndim == 5:
+        if video_frames.shape[0] != 1:
+            raise ValueError(f"export_to_video writes one video; got a batch of {video_frames.shape[0]} (index it)")
+        video_frames = video_frames[0]
+    if output_video_path is None:
+        fd, output_video_path = tempfile.mkstemp(suffix=".mp4")
+        os.close(fd)
+    return str(write_video(output_video_path, video_frames, fps))
 
 
 def _np32(x) -> np.ndarray:

@@ -2,18 +2,28 @@
 
 Examples::
 
+    python -m contentv_jax.sample --model runs/tiny --prompt "a red circle moving right" --out a.mp4
+    python -m contentv_jax.sample --model runs/tiny --checkpoint 100 --prompt "a red circle moving right" --out b.mp4
     python -m contentv_jax.sample --model ContentV-8B --prompt "A young musician ..." --out video.mp4
     python -m contentv_jax.sample --model ContentV-8B --prompts-file scene.txt --out videos/ --videos-per-prompt 5
     python -m contentv_jax.sample --model ContentV-8B --prompt "..." mesh.fsdp=1 mesh.sequence=4 --chunked-attention
 
 Defaults are the official pipeline's (github bytedance/ContentV ``contentv_pipeline.py`` / ``demo.py``):
 125 frames, 432x768, 50 steps, guidance 6.0, the demo's negative prompt, 24 fps, flow shift from the model
-directory's ``scheduler/scheduler_config.json`` (17 if it has none), transformer in bfloat16, VAE in float32.
+directory's ``scheduler/scheduler_config.json`` (a run's ``sampling.shift``; else 17), transformer in bfloat16, VAE
+in float32. ``--model`` is a training run directory (its ``pipeline/``, else its exported weights, else its latest
+checkpoint; ``--checkpoint STEP`` picks a training checkpoint), a run's ``pipeline/``, a diffusers ContentV
+directory or our converted one (``contentv_jax.runs.resolve``). The CLI is a thin layer over
+:class:`contentv_jax.pipeline.ContentVPipeline` (``from contentv_jax import ContentVPipeline``): the same call
+gives the same frames.
 
 Outputs (``--output-type``): ``mp4`` (one file per video), ``frames`` (float32 .npy (B, F, H, W, 3) in [0, 1]),
 ``latent`` (float32 .npy (B, T, H/8, W/8, C), the final normalised latents). With ``--prompts-file`` every line is
-a prompt and ``--out`` a directory: VBench names, ``<prompt>-<index>.mp4`` (``.npy`` per prompt otherwise).
-Every file is written to a temporary sibling and moved into place.
+a prompt and ``--out`` a directory: VBench names, ``<prompt>-<index>.mp4`` (``.npy`` per prompt otherwise), or
+``<name>-<index>.mp4`` with ``--names-file`` (one name per prompt line: VBench's short prompts for its long
+GPT-enhanced ones, as its evaluation expects). Names longer than :data:`NAME_MAX_BYTES` (200 bytes, under the
+255-byte file-system limit) keep a readable prefix plus a hash (:func:`safe_file_name`); ``prompts.json`` beside
+the videos maps each file name to the prompt it was sampled from. Every file is written to a temporary sibling and moved into place.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import numpy as np
 
 from contentv_jax import pipeline as pl
 from contentv_jax.atomic import atomic_file
+from contentv_jax.outputs import NAME_MAX_BYTES, safe_file_name, vbench_name, write_prompt_map  # noqa: F401
 from contentv_jax.config import ConfigError, apply_overrides
 from contentv_jax.dtypes import NAMES as DTYPE_NAMES
 from contentv_jax.sharding.mesh import MeshConfig
@@ -44,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample videos from a ContentV checkpoint (flow-shift Euler with classifier-free guidance).",
         epilog="Trailing mesh.data=N mesh.fsdp=N mesh.sequence=N set the device mesh (sequence > 1: Ulysses).",
     )
-    p.add_argument("--model", required=True, help="ContentV directory: transformer/, vae/, scheduler/, "
-                   "text_encoder{,_2,_3}/, tokenizer{,_2,_3}/ (diffusers layout or our converted checkpoints)")
+    p.add_argument("--model", required=True, help="a training run directory (python -m contentv_jax.train), its "
+                   "pipeline/, or a ContentV directory: transformer/, vae/, scheduler/, text_encoder{,_2,_3}/, "
+                   "tokenizer{,_2,_3}/ (diffusers layout or our converted checkpoints)")
+    p.add_argument("--checkpoint", type=int, default=None, metavar="STEP",
+                   help="sample the run's training checkpoint of this step (its EMA weights when it keeps one)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the text prompt")
     src.add_argument("--prompts-file", type=Path, help="one prompt per line; one video per line and index")
@@ -55,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=125, help="rounded down to 4k+1 with a warning")
     p.add_argument("--height", type=int, default=432, help="multiple of 16")
     p.add_argument("--width", type=int, default=768, help="multiple of 16")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", "--num-inference-steps", dest="steps", type=int, default=50, help="Euler steps")
     p.add_argument("--guidance-scale", type=float, default=6.0, help="CFG weight; <= 1 disables guidance")
     p.add_argument("--shift", type=float, default=None, help="flow shift (default: scheduler config, else 17)")
     p.add_argument("--seed", type=int, default=42, help="noise seed (torch CPU generator, as the official demo)")
@@ -67,8 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos-per-prompt", type=int, default=1)
     p.add_argument("--max-sequence-length", type=int, default=pl.MAX_SEQUENCE_LENGTH,
                    help="T5 tokens (256 for ContentV; use what the model was trained with)")
+    p.add_argument("--names-file", type=Path, default=None,
+                   help="one output name per line of --prompts-file, same order (e.g. VBench's short prompts for "
+                        "its long prompts); default: the prompt itself")
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N lines of --prompts-file")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16", help="transformer dtype (VAE: float32)")
+    p.add_argument("--text-encoder-dtype", choices=DTYPE_NAMES, default="float32",
+                   help="dtype of the three text encoders (the official demo: bfloat16)")
+    p.add_argument("--text-encoder-device", default="cpu",
+                   help="torch device of the text encoders: cpu, cuda, cuda:N, npu, npu:N, or auto")
     mem = p.add_argument_group("memory")
     mem.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
     mem.add_argument("--chunked-attention", action="store_true", help="online-softmax attention in chunks")
@@ -80,20 +101,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_prompts(path: Path, limit: int | None) -> list[str]:
+def _read_lines(path: Path, flag: str) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts-file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{flag} {path} has no lines")
+    return lines
+
+
+def read_prompts(prompts_file: Path, names_file: Path | None = None, limit: int | None = None) -> tuple[list[str], list[str]]:
+    """``(prompts, names)`` of a prompts file (one prompt per non-blank line) and its optional names file.
+
+    The names file (one name per non-blank line, the same order: e.g. VBench's short prompts for its
+    GPT-enhanced long prompts) must have as many lines as the prompts file; without one a prompt is its own
+    name. ``limit`` keeps the first lines of both.
+
+    Raises:
+      FileNotFoundError: a missing file. ValueError: an empty file, or a line-count mismatch (both counts named).
+    """
+    prompts = _read_lines(prompts_file, "--prompts-file")
+    names = prompts
+    if names_file is not None:
+        names = _read_lines(names_file, "--names-file")
+        if len(names) != len(prompts):
+            raise ValueError(
+                f"--names-file {names_file} has {len(names)} names, --prompts-file {prompts_file} has "
+                f"{len(prompts)} prompts; they must match line for line"
+            )
     if limit is not None:
-        prompts = prompts[:limit]
-    if not prompts:
-        raise ValueError(f"--prompts-file {path} has no prompts")
-    return prompts
-
-
-def vbench_name(prompt: str, index: int, suffix: str = ".mp4") -> str:
-    """VBench's file name ``<prompt>-<index>.mp4`` (path separators in the prompt become ``_``)."""
-    return prompt.replace(os.sep, "_") + f"-{index}{suffix}"
+        if limit < 1:
+            raise ValueError(f"--max-prompts must be >= 1, got {limit}")
+        prompts, names = prompts[:limit], names[:limit]
+    return prompts, names
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -105,9 +145,7 @@ def _write_outputs(result: np.ndarray, output_type: str, names: list[Path], npy_
     if output_type != "mp4":
         _save_npy(npy_path, result)
         return [npy_path]
-    from contentv_jax.data.video import write_video
-
-    return [write_video(path, video, fps) for path, video in zip(names, result)]
+    return [Path(pl.export_to_video(video, path, fps=fps)) for path, video in zip(names, result)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give --prompt, --prompts-file or --prompt-embeds", file=sys.stderr)
         return 2
     try:
+        if args.names_file is not None and args.prompts_file is None:
+            raise ValueError("--names-file names the lines of --prompts-file; give --prompts-file too")
         mesh_cfg = _mesh_config(args.overrides)
         pl.check_video_size(args.height, args.width)
         num_frames = pl.round_num_frames(args.num_frames)
@@ -137,18 +177,19 @@ def main(argv: list[str] | None = None) -> int:
             if kernel not in KERNELS:
                 raise ValueError(f"--attention-kernel {kernel!r} is not one of {KERNELS}")
         need_text = args.prompt_embeds is None
-        pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent")
-        dims = pl.transformer_dims(Path(args.model) / "transformer")
+        src = pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent",
+                                                  checkpoint=args.checkpoint)
+        dims = pl.transformer_dims(src.transformer_config)
         guidance = args.guidance_scale > 1.0
         embeds = None
         if args.prompt_embeds is not None:
             embeds = pl.PromptEmbeds.load(args.prompt_embeds)
             embeds.validate(dims["context_dim"], dims["pooled_dim"], guidance)
-        prompts = (
-            [args.prompt] if args.prompt is not None
-            else _read_prompts(args.prompts_file, args.max_prompts) if args.prompts_file is not None
-            else None
-        )
+        names = None
+        if args.prompts_file is not None:
+            prompts, names = read_prompts(args.prompts_file, args.names_file, args.max_prompts)
+        else:
+            prompts = None if args.prompt is None else [args.prompt]
         latents = None
         if args.latents is not None:
             if args.prompts_file is not None:
@@ -158,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             want = pl.latent_shape(batch, num_frames, args.height, args.width, dims["in_channels"])
             if latents.shape != want:
                 raise ValueError(f"--latents {args.latents} must have shape {want}, got {latents.shape}")
+        if need_text:
+            from contentv_jax.text import torch_device, torch_dtype
+
+            torch_dtype(args.text_encoder_dtype)
+            torch_device(args.text_encoder_device)
     except (ValueError, FileNotFoundError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -170,40 +216,47 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("mesh %s", dict(mesh.shape))
     pipe = pl.ContentVPipeline.from_pretrained(
         args.model,
-        load_text_encoders=need_text,
-        load_vae=args.output_type != "latent",
-        shift=args.shift,
         dtype=args.dtype,
         mesh=mesh,
         attention_kernel=kernel,
         vae_tiling=args.vae_tiling,
         offload=args.offload,
+        shift=args.shift,
+        checkpoint=args.checkpoint,
+        load_text_encoders=need_text,
+        load_vae=args.output_type != "latent",
+        text_encoder_dtype=args.text_encoder_dtype,
+        text_encoder_device=args.text_encoder_device,
     )
+    pipe.set_progress_bar_config(disable=args.no_progress)
     logger.info("flow shift %.3g, %d frames, %dx%d, %d steps, guidance %.3g",
                 pipe.shift, num_frames, args.height, args.width, args.steps, args.guidance_scale)
-    opts = pl.SamplingOptions(
-        num_frames=num_frames, height=args.height, width=args.width, num_steps=args.steps,
-        guidance_scale=args.guidance_scale, shift=args.shift, max_sequence_length=args.max_sequence_length,
+    common = dict(
+        negative_prompt=args.negative_prompt, num_frames=num_frames, height=args.height, width=args.width,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        num_videos_per_prompt=args.videos_per_prompt, max_sequence_length=args.max_sequence_length,
+        output_type="latent" if args.output_type == "latent" else "np",
     )
-    output_type = "latent" if args.output_type == "latent" else "frames"
     suffix = ".mp4" if args.output_type == "mp4" else ".npy"
-    common = dict(options=opts, videos_per_prompt=args.videos_per_prompt, output_type=output_type,
-                  progress=not args.no_progress)
     written: list[Path] = []
     if args.prompts_file is not None:
         out_dir = args.out or Path("videos")
-        for i, prompt in enumerate(prompts):
-            logger.info("[%d/%d] %s", i + 1, len(prompts), prompt)
-            result = pipe(prompt, negative_prompt=args.negative_prompt, seed=args.seed + i, **common)
-            names = [out_dir / vbench_name(prompt, k) for k in range(len(result))]
-            npy_path = out_dir / (prompt.replace(os.sep, "_") + ".npy")
-            written += _write_outputs(result, args.output_type, names, npy_path, args.fps)
+        mapping: dict[str, str] = {}
+        for i, (prompt, name) in enumerate(zip(prompts, names)):
+            logger.info("[%d/%d] %s", i + 1, len(prompts), name)
+            result = pipe(prompt=prompt, seed=args.seed + i, **common).frames
+            files = [out_dir / vbench_name(name, k, suffix) for k in range(len(result))]
+            npy_path = out_dir / safe_file_name(name, suffix)
+            written += _write_outputs(result, args.output_type, files, npy_path, args.fps)
+            mapping.update({p.name: prompt for p in (files if args.output_type == "mp4" else [npy_path])})
+            write_prompt_map(out_dir, mapping)  # after every prompt: an interrupted run keeps what it wrote
     else:
         out = args.out or Path("video" + suffix)
-        result = pipe(prompts, negative_prompt=args.negative_prompt, embeds=embeds, seed=args.seed,
-                      latents=latents, **common)
-        names = [out] if len(result) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(result))]
-        written += _write_outputs(result, args.output_type, names, out, args.fps)
+        embed_kwargs = {} if embeds is None else embeds.as_kwargs()
+        result = pipe(prompt=None if prompts is None else prompts[0], seed=args.seed, latents=latents,
+                      **embed_kwargs, **common).frames
+        files = [out] if len(result) == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(result))]
+        written += _write_outputs(result, args.output_type, files, out, args.fps)
     for path in written:
         print(path)
     return 0

@@ -1,6 +1,6 @@
 """Flow-matching sigmas: the flow shift, the sampling schedule and training sigma draws.
 
-Convention (diffusers, the one the checkpoints use; reference doc section 4):
+Convention (diffusers, the one the checkpoints use; ContentV report (arXiv 2506.05343), section 5.1):
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``, the model predicts ``v = noise - x0`` and receives
 ``timestep = sigma * 1000``. Mirrors ``diffusers/schedulers/scheduling_flow_match_euler_discrete.py``.
 """

@@ -1,7 +1,8 @@
 """SD3 text conditioning in PyTorch (CLIP-L + OpenCLIP bigG + T5), exactly diffusers' recipe.
 
 Mirrors ``diffusers/pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py``
-(``_get_clip_prompt_embeds``, ``_get_t5_prompt_embeds``, ``encode_prompt``; reference doc section 3):
+(``_get_clip_prompt_embeds``, ``_get_t5_prompt_embeds``, ``encode_prompt``; ContentV report
+(arXiv 2506.05343), section 4.1: ContentV keeps SD3.5 Large's text encoders):
 
 - CLIP-L and bigG: 77 tokens (``padding="max_length"``, truncation; CLIP-L pads with ``<|endoftext|>``,
   bigG with ``!``), no attention mask, the penultimate hidden state ``hidden_states[-2]``
@@ -15,7 +16,7 @@ The model directory has the diffusers layout: ``tokenizer``, ``tokenizer_2``, ``
 ``text_encoder_3`` (T5EncoderModel).
 
 API:
-  ``enc = TextEncoders.from_pretrained(model_dir, dtype=torch.float32)``
+  ``enc = TextEncoders.from_pretrained(model_dir, dtype="bfloat16", device="cuda")`` (default float32, CPU)
   ``prompt_embeds, pooled = enc.encode(prompts, max_sequence_length=256)`` -> float32 numpy
   ``(B, 77 + L, Dctx)``, ``(B, Dpool)``; ``""`` is a valid prompt (CFG negative / caption dropout).
   ``build_tiny_text_encoders(dst_dir, clip_dims=(16, 16), t5_dim=64, seed=0)`` writes a tiny,
@@ -35,7 +36,8 @@ import numpy as np
 
 from contentv_jax.atomic import atomic_dir
 
-__all__ = ["TextEncoders", "build_tiny_text_encoders", "CLIP_MAX_LENGTH", "SUBFOLDERS", "DEFAULT_CORPUS"]
+__all__ = ["TextEncoders", "build_tiny_text_encoders", "torch_dtype", "torch_device", "CLIP_MAX_LENGTH", "SUBFOLDERS",
+           "DEFAULT_CORPUS"]
 
 CLIP_MAX_LENGTH = 77
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -45,11 +47,9 @@ class TextEncoders:
     """The three SD3 tokenizers and text encoders (PyTorch, eval mode, on ``device``)."""
 
     def __init__(self, tokenizers, encoders, *, device="cpu"):
-        import torch
-
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = encoders
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         for m in encoders:
             m.eval().requires_grad_(False).to(self.device)
         clip_width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
@@ -61,14 +61,21 @@ class TextEncoders:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, dtype=None, device="cpu") -> "TextEncoders":
-        """Load from a diffusers-layout directory (see module docstring); ``dtype`` defaults to float32.
+        """Load from a diffusers-layout directory (see module docstring).
 
-        Raises FileNotFoundError naming every missing sub-folder.
+        Args:
+          dtype: weights and compute dtype of the three encoders: a ``torch.dtype`` or its name
+            (``"bfloat16"``, as the official demo runs them; ``"float16"``, ``"float32"``); None: float32.
+            The embeddings come back as float32 whatever the dtype.
+          device: a torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"npu"``, ...); ``"auto"`` or None
+            picks the Ascend NPU when ``USE_ASCEND_NPU`` / detection says so, else CUDA when available,
+            else the CPU (``torch_npu_backend.device.select_device``).
+        Raises:
+          FileNotFoundError: naming every missing sub-folder. ValueError: an unknown dtype or device.
         """
-        import torch
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
-        dtype = torch.float32 if dtype is None else dtype
+        dtype = torch_dtype(dtype)
         model_dir = Path(model_dir)
         missing = [s for s in SUBFOLDERS if not (model_dir / s).is_dir()]
         if missing:
@@ -122,6 +129,41 @@ class TextEncoders:
             prompt_embeds = torch.cat([clip, t5], dim=-2)
             pooled = torch.cat([out_l[0].float(), out_g[0].float()], dim=-1)
         return prompt_embeds.cpu().numpy(), pooled.cpu().numpy()
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(dtype):
+    """``dtype`` (None, a ``torch.dtype`` or one of :data:`TORCH_DTYPES`) as a ``torch.dtype`` (None: float32).
+
+    Raises ValueError naming an unknown dtype.
+    """
+    import torch
+
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"text encoder dtype {dtype!r} is not one of {TORCH_DTYPES}")
+    return getattr(torch, name)
+
+
+def torch_device(device):
+    """``device`` (a ``torch.device``, a device string, or ``"auto"`` / None) as a ``torch.device``.
+
+    ``"npu"`` and ``"auto"`` go through ``torch_npu_backend.device.select_device`` (which imports torch_npu only
+    when the NPU is chosen). Raises ValueError for a malformed device string.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    from torch_npu_backend.device import select_device
+
+    return select_device(None if device in (None, "auto") else device)
 
 
 def _check_prompts(prompts) -> list[str]:

@@ -13,10 +13,13 @@ import torch
 
 
 @torch.no_grad()
-def official_denoise(transformer, scheduler, latents, prompt_embeds, pooled, neg_embeds, neg_pooled, num_steps, guidance_scale):
-    """Official Euler loop with sequential CFG. latents (B, C, T, H, W) -> final latents (B, C, T, H, W)."""
+def official_denoise(transformer, scheduler, latents, prompt_embeds, pooled, neg_embeds, neg_pooled, num_steps, guidance_scale,
+                     on_step=None):
+    """Official Euler loop with sequential CFG. latents (B, C, T, H, W) -> final latents (B, C, T, H, W).
+
+    ``on_step(i, t, latents)`` is called after each step, where the official pipeline calls ``callback_on_step_end``."""
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_steps + 1)[:-1], device="cpu")
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         timestep = t.expand(latents.shape[0])
         noise_pred = transformer(
             hidden_states=latents, timestep=timestep, encoder_hidden_states=prompt_embeds,
@@ -29,6 +32,8 @@ def official_denoise(transformer, scheduler, latents, prompt_embeds, pooled, neg
             )[0]
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred - noise_pred_uncond)
         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i, float(t), latents)
     return latents
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contentv_jax import pipeline as pl
-from contentv_jax.sample import main, vbench_name
+from contentv_jax.sample import NAME_MAX_BYTES, main, safe_file_name, vbench_name
 from tests.sample_fixtures import build_tiny_model_dir
 
 SMALL = ["--num-frames", "9", "--height", "32", "--width", "48", "--dtype", "float32", "--no-progress"]
@@ -91,11 +91,77 @@ def test_prompts_file_writes_vbench_named_playable_mp4s(model_dir, shared_data, 
     assert main(["--model", str(model_dir), "--prompts-file", str(scene), "--max-prompts", "5", "--steps", "2",
                  "--videos-per-prompt", "2", "--fps", "8", "--out", str(out_dir), "--num-frames", "10",
                  "--height", "32", "--width", "48", "--dtype", "float32", "--no-progress"]) == 0
-    files = sorted(p.name for p in out_dir.iterdir())
+    files = sorted(p.name for p in out_dir.iterdir() if p.name != "prompts.json")
     assert files == sorted(vbench_name(p, k) for p in prompts for k in range(2))
+    assert json.loads((out_dir / "prompts.json").read_text()) == {vbench_name(p, k): p for p in prompts for k in range(2)}
     for name in files:
         frames, fps = read_video(out_dir / name)
         assert frames.shape == (9, 32, 48, 3)  # 10 frames rounded to 4k+1 = 9
         assert fps == pytest.approx(8.0)
         assert probe_video(out_dir / name).num_frames == 9
         assert frames.std() > 1.0  # not a blank video
+
+
+def test_vbench_long_prompts_named_after_the_short_prompts(model_dir, shared_data, tmp_path):
+    """VBench's GPT-enhanced long prompts (each line longer than a file name may be) sampled under the short
+    prompts' names, as VBench's evaluation expects; without --names-file the long names are shortened."""
+    from contentv_jax.data.video import read_video
+
+    root = shared_data / "prompts/vbench/prompts"
+    longer, short = root / "augmented_prompts/gpt_enhanced_prompts/all_dimension_longer.txt", root / "all_dimension.txt"
+    prompts = [line.strip() for line in longer.read_text().splitlines() if line.strip()][:3]
+    names = [line.strip() for line in short.read_text().splitlines() if line.strip()][:3]
+    assert min(len(p.encode()) for p in prompts) > 255  # none fits in a file name as it is
+    out = tmp_path / "videos"
+    args = ["--model", str(model_dir), "--prompts-file", str(longer), "--names-file", str(short), "--max-prompts", "3",
+            "--steps", "1", "--num-frames", "5", "--height", "32", "--width", "32", "--dtype", "float32",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"{n}-0.mp4" for n in names)
+    for n in names:
+        frames, _ = read_video(out / f"{n}-0.mp4")
+        assert frames.shape == (5, 32, 32, 3)
+    assert json.loads((out / "prompts.json").read_text()) == {f"{n}-0.mp4": p for n, p in zip(names, prompts)}
+    # no names file: deterministic shortened names (readable prefix + hash), distinct, within the limit
+    out2 = tmp_path / "latents"
+    assert main([*args[:4], "--max-prompts", "3", *args[8:-1], str(out2), "--output-type", "latent"]) == 0
+    files = sorted(p.name for p in out2.glob("*.npy"))
+    assert files == sorted(safe_file_name(p, ".npy") for p in prompts)
+    for p, f in zip(prompts, (safe_file_name(p, ".npy") for p in prompts)):
+        assert len(f.encode()) <= NAME_MAX_BYTES < 255 and f.startswith(p[:100])
+    assert json.loads((out2 / "prompts.json").read_text()) == {safe_file_name(p, ".npy"): p for p in prompts}
+
+
+def test_names_file_line_count_mismatch_is_refused_before_compute(fake_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a cat\na dog\na bird\n")
+    (tmp_path / "n.txt").write_text("cat\ndog\n")
+    assert main(["--model", str(fake_dir), "--prompts-file", str(tmp_path / "p.txt"), "--names-file",
+                 str(tmp_path / "n.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--names-file" in err and "has 2 names" in err and "has 3 prompts" in err
+    assert main(["--model", str(fake_dir), "--prompt", "a cat", "--names-file", str(tmp_path / "n.txt")]) == 2
+    assert "give --prompts-file too" in capsys.readouterr().err
+
+
+def test_model_resolution_errors_say_what_was_looked_for(tmp_path, capsys):
+    """--model that is neither a model nor a run, a run without weights, a --checkpoint step the run lacks."""
+    from contentv_jax import runs
+
+    (tmp_path / "nothing").mkdir()
+    assert main(["--model", str(tmp_path / "nothing"), "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a model: looked for" in err and "transformer/config.json" in err and "config.yaml" in err
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("run_dir: run\n")
+    assert main(["--model", str(run), "--prompt", "a cat"]) == 2
+    err = capsys.readouterr().err
+    assert "has no weights to sample: looked for" in err and "model_index.json" in err and "checkpoints" in err
+    for step in (10, 20):
+        (run / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    (run / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir()  # an uncommitted save is not a step
+    assert runs.checkpoint_steps(run) == [10, 20]
+    assert main(["--model", str(run), "--prompt", "a cat", "--checkpoint", "15"]) == 2
+    assert "has no checkpoint 15; its checkpoints: [10, 20]" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "nothing"), "--prompt", "a cat", "--checkpoint", "10"]) == 2
+    assert "needs a training run directory" in capsys.readouterr().err

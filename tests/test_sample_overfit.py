@@ -75,11 +75,11 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     pipe = pl.ContentVPipeline.from_pretrained(model_dir, shift=3.0, dtype="float32", load_vae=False)
     t, h, w, _ = clip_latents.shape
     for g in (1.0, 6.0):  # without guidance, and at the official guidance scale
-        opts = pl.SamplingOptions(
-            num_frames=4 * (t - 1) + 1, height=8 * h, width=8 * w, num_steps=20, guidance_scale=g,
+        sampled = pipe(
+            prompt=caption, negative_prompt="", num_frames=4 * (t - 1) + 1, height=8 * h, width=8 * w,
+            num_inference_steps=20, guidance_scale=g, num_videos_per_prompt=2, seed=0, output_type="latent",
             max_sequence_length=cfg.text.max_length,
-        )
-        sampled = pipe(caption, negative_prompt="", options=opts, videos_per_prompt=2, seed=0, output_type="latent")
+        ).frames
         sims = [_cosine(s, clip_latents) for s in sampled]
         noise_sim = _cosine(pl.initial_noise(0, sampled.shape)[0], clip_latents)
         print(f"g={g} cosine(sampled, clip latents) = {sims}; noise alone: {noise_sim:.3f}")

@@ -17,7 +17,7 @@ from tests.official_sampling import official_decode, official_denoise
 from tests.sample_fixtures import build_tiny_model_dir, load_reference
 
 STEPS, GUIDANCE, FRAMES, HEIGHT, WIDTH = 4, 6.0, 9, 32, 48
-OPTS = pl.SamplingOptions(num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_steps=STEPS, guidance_scale=GUIDANCE)
+OPTS = dict(num_frames=FRAMES, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
 _rng = np.random.default_rng(0)
 EMBEDS = pl.PromptEmbeds(*(_rng.normal(size=s).astype(np.float32) for s in [(2, 12, 64), (2, 32), (2, 12, 64), (2, 32)]))
 LATENTS = pl.initial_noise(7, pl.latent_shape(2, FRAMES, HEIGHT, WIDTH))
@@ -42,7 +42,7 @@ def parity(tmp_path_factory):
     ref_frames = official_decode(vae, ref_latents)
     pipe = pl.ContentVPipeline.from_pretrained(model_dir, load_text_encoders=False, load_vae=False)
     assert pipe.shift == 3.0  # from scheduler/scheduler_config.json
-    ours = pipe(embeds=embeds, latents=latents, options=OPTS, output_type="latent")
+    ours = pipe(**embeds.as_kwargs(), latents=latents, output_type="latent", **OPTS).frames
     ref_latents = ref_latents.permute(0, 2, 3, 4, 1).numpy()
     assert np.abs(ref_latents - latents).max() > 0.5  # sampling moved the latents
     return model_dir, ref_latents, ref_frames, ours
@@ -60,7 +60,7 @@ def test_decoded_frames_match_official_pipeline(parity):
     model_dir, _, ref_frames, _ = parity
     pipe = pl.ContentVPipeline.from_pretrained(model_dir, load_text_encoders=False, offload=True)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(nnx.state(pipe.transformer)))
-    frames = pipe(embeds=EMBEDS, latents=LATENTS, options=OPTS)
+    frames = pipe(**EMBEDS.as_kwargs(), latents=LATENTS, **OPTS).frames
     assert frames.shape == ref_frames.shape == (2, FRAMES, HEIGHT, WIDTH, 3)
     assert 0.05 < ref_frames.std()  # not a flat video
     err = _rel_err(frames, ref_frames)

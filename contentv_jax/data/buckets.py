@@ -1,4 +1,4 @@
-"""Aspect-ratio x duration buckets (ContentV report section 5; reference doc section 5).
+"""Aspect-ratio x duration buckets (ContentV report (arXiv 2506.05343), section 5.3 and Table 2).
 
 Every bucket is a pixel shape ``(frames, height, width)`` with its own maximum global batch size:
 

@@ -1,6 +1,7 @@
 """``python -m contentv_jax.encode``: the encode stage alone (videos + captions -> latent records).
 
-Two forms:
+Exit status (:func:`cli`): 0 when records were written, 1 when the stage failed or encoded nothing, 2 on bad
+arguments. Two forms:
 
 - ``python -m contentv_jax.encode --config configs/train/X.yaml [key=value ...]``: exactly what training
   with that config would encode (``contentv_jax.data.prepare.prepare``, the function the trainer calls:
@@ -46,6 +47,23 @@ def main(argv: Sequence[str] | None = None):
         p.error(str(e))
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m contentv_jax.encode`` / ``contentv-encode``: :func:`main` as an exit status.
+
+    0: records were written; 1: the stage failed or every input was skipped (the reason on stderr, one line);
+    2: bad arguments or a config mistake (argparse's usage line and message).
+    """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    main()
+    try:
+        stats = main(argv)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:  # CheckpointError and ConfigError included
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not stats.records:
+        print(f"error: no clips were encoded ({stats.num_skipped} file(s) skipped; see the summary above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

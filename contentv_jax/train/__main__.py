@@ -18,7 +18,8 @@ from contentv_jax.sharding.distributed import add_distributed_args, initialize_f
 def main(argv=None) -> int:
     """CLI entry point of ``python -m contentv_jax.train``; returns the exit status (0 completed, 1 stopped by non-finite losses, 2 bad config)."""
     parser = argparse.ArgumentParser(prog="python -m contentv_jax.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="a YAML file (default: configs/train/tiny.yaml)")
+    parser.add_argument("--config", default=None, help="a YAML file, or a shipped config name such as stage3 (default: "
+                        "the shipped configs/train/tiny.yaml)")
     parser.add_argument("--data", default=None, help="directory of videos + captions.jsonl (sets data.dir)")
     parser.add_argument("--run-dir", default=None, help="where checkpoints, logs and caches go (sets run_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100")

@@ -1,8 +1,10 @@
 """Training checkpoints with Orbax's CheckpointManager: parameters, optimizer, EMA, step, RNG, data position.
 
 Layout under ``<run_dir>/checkpoints/<step>/``: item ``state`` (the train-state pytree, its leaves saved
-under index keys so any nesting round-trips; restored into the current run's structure and shardings)
-and item ``data`` (the data iterator's state as JSON). Saves are asynchronous (``async_save``); Orbax
+under index keys so any nesting round-trips; restored into the current run's structure and shardings),
+item ``data`` (the data iterator's state as JSON) and item ``paths`` (JSON ``{"paths": [[key, ...], ...]}``:
+each leaf's key path, so the weights alone can be read back, e.g. to sample an intermediate step:
+``contentv_jax.runs.load_checkpoint_transformer``). Saves are asynchronous (``async_save``); Orbax
 commits a step atomically (a temporary directory renamed on completion), so a killed run resumes from
 the last committed step. Orbax coordinates hosts itself (the primary host writes metadata).
 """
@@ -21,6 +23,17 @@ import orbax.checkpoint as ocp
 def _leaves_dict(tree) -> tuple[dict[str, Any], Any]:
     leaves, treedef = jax.tree.flatten(tree)
     return {f"{i:06d}": leaf for i, leaf in enumerate(leaves)}, treedef
+
+
+def leaf_paths(tree) -> list[list[str]]:
+    """Each leaf's key path in ``tree`` (dict keys, sequence indices, attribute names as strings), in leaf order."""
+    def name(k) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return [[name(k) for k in path] for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _encode_data_state(state) -> dict:
@@ -46,7 +59,7 @@ class TrainCheckpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data"), options=options)
+        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "paths"), options=options)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -64,7 +77,8 @@ class TrainCheckpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state))
+                state=ocp.args.StandardSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state)),
+                paths=ocp.args.JsonSave({"paths": leaf_paths(state)}),
             ),
             force=force,
         )

@@ -4,15 +4,14 @@ The dataclasses hold every default (the tiny CPU run); a stage YAML lists only w
 or from the stage it names as ``base:``. Loaded with :func:`contentv_jax.config.load_config` (unknown
 keys are errors naming the dotted key).
 :func:`validate` then checks shapes and values before any work (an impossible shape names its key).
-Stage configs follow the ContentV report's Table 2 (reference doc section 5).
+Stage configs follow ContentV report (arXiv 2506.05343), section 5.3, Table 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
-from contentv_jax.config import ConfigError, load_config
+from contentv_jax.config import ConfigError, find_config, load_config
 from contentv_jax.dtypes import NAMES as DTYPE_NAMES
 from contentv_jax.sharding.mesh import MeshConfig
 
@@ -147,11 +146,42 @@ class CheckpointSection:
 
 @dataclasses.dataclass
 class LoggingSection:
-    """Metrics every ``every`` steps to TensorBoard (``tensorboard``) and ``metrics.jsonl``; tqdm bar."""
+    """Metrics every ``every`` steps to TensorBoard (``tensorboard``) and ``metrics.jsonl``; tqdm bar.
+
+    ``sample_every``: every that many steps (0: never) sample the ``sampling`` section's prompts with the weights
+    the run would export (the EMA when enabled), write the mp4s under ``<run_dir>/samples/<step>/`` and log a
+    frame grid and the clips to TensorBoard (``samples/...``).
+    """
 
     every: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    sample_every: int = 0
+
+
+DEFAULT_SAMPLE_PROMPTS = ("a red circle moving right on a blue background", "a small green square moving up on a black background")
+
+
+@dataclasses.dataclass
+class SamplingSection:
+    """How the trained model samples: the flow ``shift`` written to ``<run_dir>/pipeline/scheduler/
+    scheduler_config.json`` (17, the report's sampling shift: ContentV report (arXiv 2506.05343), section 5.1,
+    "Flow Shift") and the previews ``logging.sample_every`` draws: ``prompts`` against ``negative_prompt``
+    (the empty prompt by default: what caption dropout trains as the unconditional branch), ``steps`` Euler
+    steps at ``guidance_scale``, ``num_frames`` x ``height`` x ``width`` pixels (0: the largest bucket,
+    ``buckets.max_*``), noise from ``seed``, written at ``fps`` (0: ``data.fps``).
+    """
+
+    shift: float = 17.0
+    prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 6.0
+    num_frames: int = 0
+    height: int = 0
+    width: int = 0
+    seed: int = 0
+    fps: float = 0.0
 
 
 @dataclasses.dataclass
@@ -172,9 +202,10 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
+DEFAULT_CONFIG = "tiny"  # the shipped configs/train/tiny.yaml (contentv_jax.config.find_config)
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
@@ -248,6 +279,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         cfg.mesh.logical_rules()
     except ValueError as e:
         err("mesh.rules", str(e))
+    if cfg.logging.sample_every < 0:
+        err("logging.sample_every", f"must be >= 0 (0: no samples), got {cfg.logging.sample_every}")
+    sm = cfg.sampling
+    if sm.shift <= 0:
+        err("sampling.shift", f"must be > 0, got {sm.shift}")
+    if cfg.logging.sample_every:
+        if not sm.prompts or not all(isinstance(q, str) and q.strip() for q in sm.prompts):
+            err("sampling.prompts", f"must be a non-empty list of non-empty prompts when logging.sample_every > 0, got {sm.prompts!r}")
+        if sm.steps < 1:
+            err("sampling.steps", f"must be >= 1, got {sm.steps}")
+        if sm.num_frames and (sm.num_frames - 1) % VAE_TEMPORAL_FACTOR:
+            err("sampling.num_frames", f"must be 4k+1 (or 0: buckets.max_frames), got {sm.num_frames}")
+        for key, v in (("sampling.height", sm.height), ("sampling.width", sm.width)):
+            if v and (v < unit or v % unit):
+                err(key, f"must be a positive multiple of {unit} (or 0: the largest bucket), got {v}")
+        if sm.fps < 0:
+            err("sampling.fps", f"must be >= 0 (0: data.fps), got {sm.fps}")
     for key, v in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.sequence", cfg.mesh.sequence)):
         if v < 1 and v != -1:
             err(key, f"must be >= 1 or -1, got {v}")
@@ -255,12 +303,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def load_train_config(path=None, overrides=()) -> TrainConfig:
-    """Load ``path`` (default ``configs/train/tiny.yaml``), apply ``key=value`` overrides, validate.
+    """Load ``path`` (default: the shipped ``configs/train/tiny.yaml``), apply ``key=value`` overrides, validate.
+
+    ``path`` is a file, or the name of a shipped config (``stage3``, ``configs/train/stage3.yaml``; see
+    :func:`contentv_jax.config.find_config`), so that an installed package runs from any directory.
 
     Raises:
-      ConfigError: an unknown key or a bad value, named.
-      FileNotFoundError: ``path`` does not exist.
+      ConfigError: an unknown key or a bad value, named; or a config file that cannot be found (never a
+        silent fall back to the dataclass defaults), naming every path looked at.
     """
-    if path is None and DEFAULT_CONFIG.is_file():
-        path = DEFAULT_CONFIG
+    try:
+        path = find_config(DEFAULT_CONFIG if path is None else path, "train")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     return validate(load_config(TrainConfig, path, overrides))

@@ -1,7 +1,7 @@
 """Flow-matching loss in diffusers' convention, and caption dropout for classifier-free guidance.
 
 ``x_sigma = (1 - sigma) * x0 + sigma * noise``; the model predicts the velocity ``noise - x0`` from
-``x_sigma`` and ``timestep = sigma * 1000`` (reference doc section 4; diffusers
+``x_sigma`` and ``timestep = sigma * 1000`` (ContentV report (arXiv 2506.05343), section 5.1; diffusers
 ``examples/dreambooth/train_dreambooth_sd3.py`` with ``FlowMatchEulerDiscreteScheduler``, weighting ``none``
 after logit-normal sigma sampling).
 """

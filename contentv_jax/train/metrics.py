@@ -42,6 +42,20 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}", v, int(step))
         self._jsonl.write(json.dumps(row) + "\n")
 
+    def image(self, step: int, tag: str, image) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard under ``tag`` (no-op without TensorBoard)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+    def encoded_image(self, step: int, tag: str, data: bytes, height: int, width: int) -> None:
+        """An already encoded image (PNG, or an animated GIF for a clip) to TensorBoard's image tab under ``tag``."""
+        if not (self.enabled and self._tb is not None):
+            return
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        img = Summary.Image(height=int(height), width=int(width), colorspace=3, encoded_image_string=data)
+        self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=img)]), int(step))
+
     def event(self, step: int, **fields) -> None:
         """A non-scalar record in ``metrics.jsonl`` (e.g. ``{"event": "nonfinite_loss"}``)."""
         if not self.enabled:

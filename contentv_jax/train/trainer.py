@@ -5,7 +5,7 @@ checkpoints), the text encoders and VAE (tiny random ones saved and reloaded thr
 code when no path is given), the dataset (synthetic when no ``data.dir``), the encode stage (cached),
 then trains with Orbax checkpointing, automatic resume, TensorBoard / ``metrics.jsonl`` logging.
 
-The step (report section 5, reference doc section 4; diffusers' SD3 training recipe):
+The step (ContentV report (arXiv 2506.05343), section 5.1; diffusers' SD3 training recipe):
 ``sigma = shift(sigmoid(N(m, s^2)))``, ``x_sigma = (1 - sigma) x0 + sigma noise``, loss
 ``mean((v_theta(x_sigma, 1000 sigma, text) - (noise - x0))^2)``, caption dropout to the empty prompt,
 AdamW with warmup and global-norm clipping on float32 master weights, compute in ``model.dtype``.
@@ -39,14 +39,15 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from contentv_jax import checkpoints
+from contentv_jax import checkpoints, runs
 from contentv_jax.atomic import atomic_file
 from contentv_jax.config import ConfigError, to_dict
 from contentv_jax.data.prepare import cache_dir as data_cache_dir
 from contentv_jax.dtypes import DTYPES
 from contentv_jax.data.prepare import prepare as prepare_data
 from contentv_jax.scheduler import sample_training_sigmas
-from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice
+from contentv_jax.models.flops import train_step_flops
+from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice, run_on_main_then_all
 from contentv_jax.sharding.init import create_sharded, state_shardings
 from contentv_jax.sharding.logical import activation_sharding, batch_spec
 from contentv_jax.sharding.mesh import create_mesh
@@ -191,9 +192,12 @@ class Trainer:
 
     # -- assets
     def _write_config(self) -> None:
+        """``config.yaml`` (the resolved config) and ``model_config.json`` (the transformer's config, which
+        sampling an intermediate checkpoint needs: ``contentv_jax.runs``)."""
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            _atomic_write(self.run_dir / runs.CONFIG_YAML, yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+            _atomic_write(self.run_dir / runs.MODEL_CONFIG, json.dumps(self.model_config.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def _model_config(self):
         """The TransformerConfig to train: named (random init) or the checkpoint's, with our dtype and remat."""
@@ -303,6 +307,7 @@ class Trainer:
             self.run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
         )
+        self.preview = self._preview()
         self.start_step = 0
         latest = self.ckpt.latest_step() if cfg.checkpoint.resume else None
         if latest is not None:
@@ -311,14 +316,65 @@ class Trainer:
             self.start_step = latest
         return self
 
-    def export(self, dst: Path) -> None:
-        """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
-        ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards)."""
+    def export_model(self) -> nnx.Module:
+        """The model with the weights the run exports (the EMA when enabled, else the parameters), as sharded."""
         weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
         state = jax.tree.map(lambda v: v, self.template)
         nnx.replace_by_pure_dict(state, weights)
-        model_state = nnx.state(nnx.merge(self.graphdef, state, self.rest))
-        checkpoints.export_checkpoint(dst, model_state, self.model_config.to_dict())
+        return nnx.merge(self.graphdef, state, self.rest)
+
+    def export(self, dst: Path) -> None:
+        """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
+        ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards)."""
+        checkpoints.export_checkpoint(dst, nnx.state(self.export_model()), self.model_config.to_dict())
+
+    def _asset_dirs(self) -> tuple[Path, Path]:
+        """The VAE and text-encoder directories of the run (``vae.path`` / ``text.path`` or the tiny ones under
+        ``assets/``, built on process 0 if a reused encode cache left them unbuilt)."""
+        from contentv_jax.data import prepare as assets
+
+        cfg = self.cfg
+        vae_dir = Path(cfg.vae.path) if cfg.vae.path else self.run_dir / runs.ASSETS / "vae"
+        text_dir = Path(cfg.text.path) if cfg.text.path else self.run_dir / runs.ASSETS / "text"
+
+        def build():
+            if not vae_dir.is_dir():
+                assets.vae(cfg)
+            if not text_dir.is_dir():
+                assets.text_encoders(cfg, self.model_config)
+
+        run_on_main_then_all("assets", build if self.main else None)
+        return vae_dir, text_dir
+
+    def write_pipeline(self) -> Path:
+        """``<run_dir>/pipeline``: the exported transformer, the run's VAE, text encoders and tokenizers and
+        the sampling shift as one diffusers-layout ContentV directory (``contentv_jax.train.export``); written
+        by process 0 while the others wait."""
+        from contentv_jax.train.export import write_pipeline_dir
+
+        vae_dir, text_dir = self._asset_dirs()
+        dst = self.run_dir / runs.PIPELINE
+
+        def write():
+            write_pipeline_dir(dst, transformer=self.run_dir / runs.EXPORT, vae=vae_dir, text=text_dir,
+                               shift=self.cfg.sampling.shift, run_dir=self.run_dir)
+
+        run_on_main_then_all("pipeline", write if self.main else None)
+        return dst
+
+    def _preview(self):
+        """The :class:`contentv_jax.train.preview.PreviewSampler` of ``logging.sample_every`` (None when off)."""
+        if not self.cfg.logging.sample_every:
+            return None
+        from contentv_jax.checkpoints import load_vae
+        from contentv_jax.text import TextEncoders
+        from contentv_jax.train.preview import PreviewSampler
+
+        vae_dir, text_dir = self._asset_dirs()
+        return PreviewSampler(
+            self.cfg, TextEncoders.from_pretrained(text_dir), load_vae(vae_dir) if self.main else None,
+            latent_channels=self.model_config.in_channels, mesh=self.mesh, run_dir=self.run_dir, main=self.main,
+        )
 
     def global_batch(self, local: dict) -> dict:
         """This process's rows (:meth:`host_rows`; e.g. ``data_iter``'s batch) -> global jax arrays
@@ -375,10 +431,15 @@ class Trainer:
                     now = time.perf_counter()
                     sps = n_last / max(now - t_last, 1e-9)
                     t_last, n_last = now, 0
-                    m.update(steps_per_s=sps, tokens_per_s=sps * tokens)
+                    flops = train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1])
+                    m.update(steps_per_s=sps, tokens_per_s=sps * tokens,
+                             model_tflops_per_device=sps * flops / self.mesh.devices.size / 1e12)
                     logger.log(step, m)
                 bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
                 saved = self.ckpt.save(step, self.state, self.data_iter.get_state())
+                if self.preview is not None and self.preview.due(step):
+                    self.preview(step, self.export_model(), logger)
+                    t_last = time.perf_counter()  # sampling time is not training time
                 _test_signal_after_step(step, saved, self.ckpt)  # test-only; a no-op unless its env var is set
                 if stop["sigterm"]:
                     status = "interrupted by SIGTERM (checkpoint saved)"
@@ -387,7 +448,8 @@ class Trainer:
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
             self.ckpt.wait()
             if cfg.checkpoint.export and status == "completed":
-                self.export(self.run_dir / "transformer")
+                self.export(self.run_dir / runs.EXPORT)
+                self.write_pipeline()
         finally:
             self.ckpt.close()
             bar.close()
