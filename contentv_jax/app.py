@@ -164,7 +164,7 @@ def resolution_presets() -> dict[str, tuple[int, int]]:
     """Label -> (height, width): the report's seven aspect buckets at the 480p area of 432x768 (ContentV
     report (arXiv 2506.05343), section 3.3, via ``contentv_jax.train.buckets.make_buckets``) and the tiny
     demo's 64x64."""
-    from contentv_jax.train.buckets import make_buckets
+    from contentv_jax.data.buckets import make_buckets
 
     out = {}
     for b in make_buckets(1, 432, 768, fps=1.0, images=True, videos=False):
@@ -233,7 +233,7 @@ class App:
             yield "status", "text encoding..."
             embeds = stage(
                 "text_encoding",
-                lambda: pipe.encode_prompt([s.prompt], s.negative_prompt, guidance=guidance),
+                lambda: pipe.encode_prompt([s.prompt], s.negative_prompt, do_classifier_free_guidance=guidance),
             )
             yield "status", f"denoising ({s.steps} steps)..."
             latents = stage("denoising", lambda: _denoise(pipe, embeds, s, seed))
@@ -257,7 +257,7 @@ class App:
 
     def write_outputs(self, frames: np.ndarray, s: Settings, result: dict) -> list[dict]:
         """Each video as ``outputs/<time>-<seed>-<k>.mp4`` with a ``.json`` sidecar (temp file + rename)."""
-        from contentv_jax.video import write_video
+        from contentv_jax.data.video import write_video
 
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
         written = []
@@ -292,12 +292,14 @@ class App:
 def _denoise(pipe: pl.ContentVPipeline, embeds: pl.PromptEmbeds, s: Settings, seed: int):
     """Final latents through the pipeline's own call (``output_type="latent"``), tqdm bar on (the page's
     progress bar follows it)."""
-    opts = pl.SamplingOptions(
-        num_frames=s.num_frames, height=s.height, width=s.width, num_steps=s.steps,
-        guidance_scale=s.guidance_scale, shift=s.flow_shift,
-    )
-    return pipe(embeds=embeds, options=opts, videos_per_prompt=s.videos_per_prompt, seed=seed,
-                output_type="latent", progress=True)
+    return pipe(
+        prompt_embeds=embeds.prompt_embeds, pooled_prompt_embeds=embeds.pooled_prompt_embeds,
+        negative_prompt_embeds=embeds.negative_prompt_embeds,
+        negative_pooled_prompt_embeds=embeds.negative_pooled_prompt_embeds,
+        num_frames=s.num_frames, height=s.height, width=s.width, num_inference_steps=s.steps,
+        guidance_scale=s.guidance_scale, shift=s.flow_shift, num_videos_per_prompt=s.videos_per_prompt,
+        seed=seed, output_type="latent",
+    ).frames
 
 
 def peak_device_memory() -> dict | None:

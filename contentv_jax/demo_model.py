@@ -53,7 +53,7 @@ def build_demo_model(dst: str | os.PathLike, *, seed: int = SEED) -> Path:
     from contentv_jax.models.vae import WanVAE
     from contentv_jax.models.vae import get_config as vae_config
     from contentv_jax.text import build_tiny_text_encoders
-    from converters.common import save_checkpoint
+    from contentv_jax.checkpoints import save_checkpoint
 
     # The default run's transformer: the named tiny config on the Wan latent space, bfloat16 compute,
     # float32 parameters (contentv_jax.train.trainer, ``_model_config``).

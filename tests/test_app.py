@@ -198,7 +198,7 @@ def test_sequential_offload_streams_one_block(server):
     block's plus the non-block ones (every live device array of a parameter's shape counted), the stacked
     blocks stay in host memory, and the frames equal the run without offload within 1e-5."""
     model_dir = server[2]
-    kw = dict(options=pl.SamplingOptions(num_frames=9, height=64, width=64, num_steps=3), seed=3)
+    kw = dict(num_frames=9, height=64, width=64, num_inference_steps=3, seed=3)
     pipe = pl.ContentVPipeline.from_pretrained(model_dir, dtype="float32", offload="sequential")
     per_layer, stacked_shapes, non_block = _param_shapes(pipe.transformer)
     blocks = nnx.state(pipe.transformer.transformer_blocks)
@@ -220,7 +220,7 @@ def test_sequential_offload_streams_one_block(server):
         host_kinds.update(a.sharding.memory_kind for a in jax.tree.leaves(nnx.state(pipe.transformer)))
 
     pipe.on_block = on_block
-    streamed = pipe(PROMPT, **kw)
+    streamed = pipe(PROMPT, **kw).frames
     assert len(resident) == 3 * num_layers
     assert max(resident) <= block_bytes + non_block_bytes, (resident, block_bytes, non_block_bytes)
     assert max(resident) >= block_bytes  # the counting sees the streamed block itself
@@ -231,10 +231,10 @@ def test_sequential_offload_streams_one_block(server):
     full = pl.ContentVPipeline.from_pretrained(model_dir, dtype="float32")
     # without offload all blocks are resident, which the bound above excludes
     assert block_bytes * num_layers + non_block_bytes > block_bytes + non_block_bytes
-    np.testing.assert_allclose(streamed, full(PROMPT, **kw), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(streamed, full(PROMPT, **kw).frames, atol=1e-5, rtol=0)
     model = pl.ContentVPipeline.from_pretrained(model_dir, dtype="float32", offload="model")
     assert set(pl.memory_kind_bytes(nnx.state(model.transformer))) == {"pinned_host"}
-    np.testing.assert_allclose(model(PROMPT, **kw), streamed, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(model(PROMPT, **kw).frames, streamed, atol=1e-5, rtol=0)
 
 
 def test_app_bad_arguments_exit_2(tmp_path, capsys):
