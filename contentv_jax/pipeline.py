@@ -425,7 +425,7 @@ class ContentVPipeline:
         shift: float | None = None,
         dtype=None,
         mesh: Mesh | None = None,
-        attention_kernel: str | None = None,
+        attention_kernel: str | None = "auto",
         vae_tiling: bool = False,
         offload: bool = False,
     ) -> ContentVPipeline:
@@ -435,7 +435,9 @@ class ContentVPipeline:
           shift: flow shift; None reads ``scheduler/scheduler_config.json``, else 17 (report section 4).
           dtype: transformer dtype name, for its parameters and matmuls (None: float32; the official demo uses
             "bfloat16"). The VAE runs in float32, as in the official demo.
-          attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
+          attention_kernel: one of ``contentv_jax.models.attention.KERNEL_CHOICES``; default ``auto``
+            (cuDNN flash on GPU, splash on TPU, ``chunked`` on CPU); None keeps the checkpoint config's.
+            A kernel that cannot run on this backend raises ValueError when the model is built.
           mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
           vae_tiling: decode in spatial tiles.
           offload: keep parameters in host memory; each model goes to the device only while it runs.

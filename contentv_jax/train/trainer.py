@@ -50,7 +50,14 @@ from contentv_jax.train.config import (
     validate,
 )
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
-from contentv_jax.train.optim import ema_update, global_norm, learning_rate_schedule, make_optimizer
+from contentv_jax.train.optim import (
+    applied_updates,
+    ema_decay,
+    ema_update,
+    global_norm,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
@@ -103,11 +110,14 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
     "opt_state": optax state, "ema": pure dict or None}``; ``batch``: ``latents`` (B, T, H, W, C),
     ``prompt_embeds`` (B, L, Dctx), ``pooled`` (B, Dpool). A non-finite loss or gradient norm leaves
     params, optimizer and EMA unchanged (the step counter still advances past the batch).
+    The logged ``lr`` is the rate this step's update used: optax's schedule at its own count of
+    applied updates (which skipped steps do not advance). The EMA decay warms up as diffusers'
+    ``EMAModel.get_decay`` over the same count (:func:`contentv_jax.train.optim.ema_decay`).
     """
     dtype = DTYPES[cfg.model.dtype]
     sched = cfg.schedule
     lr_fn = learning_rate_schedule(cfg.optimizer)
-    ema_decay = cfg.optimizer.ema_decay
+    max_ema_decay = cfg.optimizer.ema_decay
 
     def loss_fn(params, x_sigma, t, context, pooled, target):
         state = jax.tree.map(lambda v: v, params_template)
@@ -135,6 +145,7 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
         )
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        prior_updates = applied_updates(state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
 
@@ -145,12 +156,13 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
         new_state["params"] = keep(params, state["params"])
         new_state["opt_state"] = keep(opt_state, state["opt_state"])
         if state.get("ema") is not None:
-            new_state["ema"] = keep(ema_update(state["ema"], params, ema_decay), state["ema"])
+            decay = ema_decay(max_ema_decay, prior_updates)
+            new_state["ema"] = keep(ema_update(state["ema"], params, decay), state["ema"])
         new_state["step"] = step + 1
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": lr_fn(step),
+            "lr": lr_fn(prior_updates),
             "sigma_mean": jnp.mean(sigma),
             "finite": finite,
         }
@@ -160,6 +172,46 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def model_config(train_cfg: TrainConfig):
+    """The TransformerConfig a run of ``train_cfg`` trains, and its source (``random``, ``ours``, ``diffusers``).
+
+    Named (``model.name``, random init) or the checkpoint's at ``model.init``, with the run's compute
+    dtype, float32 parameters, remat policy, attention kernel and latent channels. The trainer and
+    ``bench/scale_plan.py`` both build their model from this, so a plan measures what a run runs.
+
+    Raises:
+      ConfigError: naming the key, for an unknown name / remat policy or an ``init`` that is no checkpoint.
+    """
+    from converters import common
+    from contentv_jax.models import transformer as T
+
+    cfg = train_cfg.model
+    ov = {"dtype": cfg.dtype, "param_dtype": "float32", "attention_kernel": cfg.attention_kernel}
+    if cfg.remat_policy:
+        if cfg.remat_policy not in T.REMAT_POLICIES:
+            raise ConfigError(
+                f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
+            )
+        ov["remat_policy"] = cfg.remat_policy
+    if cfg.latent_channels:
+        ov["in_channels"] = ov["out_channels"] = cfg.latent_channels
+    if cfg.init == "random":
+        try:
+            return T.get_config(cfg.name, **ov), "random"
+        except KeyError:
+            raise ConfigError(f"config key 'model.name': unknown transformer {cfg.name!r}; known: {sorted(T.CONFIGS)}") from None
+    path = Path(cfg.init)
+    if common.is_our_checkpoint(path):
+        return T.TransformerConfig.from_dict(common.read_our_config(path)).replace(**ov), "ours"
+    if common.is_diffusers_dir(path):
+        raw = json.loads((path / "config.json").read_text())
+        return T.TransformerConfig.from_diffusers_config(raw, **ov), "diffusers"
+    raise ConfigError(
+        f"config key 'model.init': {cfg.init!r} is neither 'random' nor a transformer checkpoint "
+        "(a diffusers directory or a contentv-jax checkpoint)"
+    )
 
 
 class Trainer:
@@ -189,6 +241,10 @@ class Trainer:
         if cfg.data.dir and not (Path(cfg.data.dir) / "captions.jsonl").is_file():
             raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
         self.model_config, self.model_source = self._model_config()
+        try:  # the kernel the model will run, checked for this backend before anything compiles
+            self.attention_kernel = self.model_config.resolved_attention_kernel()
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.attention_kernel': {e}") from None
         self.cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else self.run_dir / "encoded"
         self.encode_stats: dict = {}
 
@@ -199,35 +255,7 @@ class Trainer:
             _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
 
     def _model_config(self):
-        """The TransformerConfig to train: named (random init) or the checkpoint's, with our dtype and remat."""
-        from converters import common
-        from contentv_jax.models import transformer as T
-
-        cfg = self.cfg.model
-        ov = {"dtype": cfg.dtype, "param_dtype": "float32"}
-        if cfg.remat_policy:
-            if cfg.remat_policy not in T.REMAT_POLICIES:
-                raise ConfigError(
-                    f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
-                )
-            ov["remat_policy"] = cfg.remat_policy
-        if cfg.latent_channels:
-            ov["in_channels"] = ov["out_channels"] = cfg.latent_channels
-        if cfg.init == "random":
-            try:
-                return T.get_config(cfg.name, **ov), "random"
-            except KeyError:
-                raise ConfigError(f"config key 'model.name': unknown transformer {cfg.name!r}; known: {sorted(T.CONFIGS)}") from None
-        path = Path(cfg.init)
-        if common.is_our_checkpoint(path):
-            return T.TransformerConfig.from_dict(common.read_our_config(path)).replace(**ov), "ours"
-        if common.is_diffusers_dir(path):
-            raw = json.loads((path / "config.json").read_text())
-            return T.TransformerConfig.from_diffusers_config(raw, **ov), "diffusers"
-        raise ConfigError(
-            f"config key 'model.init': {cfg.init!r} is neither 'random' nor a transformer checkpoint "
-            "(a diffusers directory or a contentv-jax checkpoint)"
-        )
+        return model_config(self.cfg)
 
     def _build_model(self, mc, source):
         """The model with its parameters in their shardings on the mesh (float32 master weights)."""
@@ -240,7 +268,8 @@ class Trainer:
         if source == "ours":
             return load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
         model = T.load_transformer(
-            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
+            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy,
+            attention_kernel=mc.attention_kernel,
         )
         graphdef, state = nnx.split(model)
         sh = state_shardings(state, self.mesh)
@@ -459,15 +488,27 @@ class Trainer:
         ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``).
 
         With several processes every process writes its shards of ``state/`` into one shared temporary
-        directory, then process 0 adds ``config.json`` and renames it onto ``dst``."""
+        directory, then process 0 adds ``config.json`` and renames it onto ``dst``.
+
+        ``config.json`` records which weights these are: ``_exported_weights`` (``"ema"`` or
+        ``"params"``), and for the EMA ``_ema`` (the configured decay, the number of updates it
+        averaged, the warm-up rule); the keys start with ``_``, so loaders ignore them."""
         from converters import common
 
-        weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
+        use_ema = self.state.get("ema") is not None
+        weights = self.state["ema"] if use_ema else self.state["params"]
+        record = {"_exported_weights": "ema" if use_ema else "params"}
+        if use_ema:
+            record["_ema"] = {
+                "decay": self.cfg.optimizer.ema_decay,
+                "updates": int(np.asarray(applied_updates(self.state["opt_state"]).addressable_data(0))),
+                "warmup": "min(decay, (1 + step) / (10 + step)), 0 at the first update (diffusers EMAModel.get_decay)",
+            }
         state = jax.tree.map(lambda v: v, self.param_state)
         nnx.replace_by_pure_dict(state, weights)
         model_state = nnx.state(nnx.merge(self.graphdef, state, self.rest))
         if jax.process_count() == 1:
-            common.save_checkpoint(dst, model_state, self.model_config.to_dict())
+            common.save_checkpoint(dst, model_state, {**self.model_config.to_dict(), **record})
             return
         import shutil
 
@@ -486,7 +527,7 @@ class Trainer:
             ckptr.wait_until_finished()
 
         def commit():
-            cfg = dict(self.model_config.to_dict(), _format=common.OUR_FORMAT)
+            cfg = dict(self.model_config.to_dict(), **record, _format=common.OUR_FORMAT)
             (tmp / common.CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
             common._commit_dir(tmp, dst)
 
