@@ -3,7 +3,10 @@
 With no arguments: trains the tiny model on CPU on a synthetic moving-shapes dataset rendered into the
 run directory, with tiny random text encoders and VAE (saved there and reloaded through the real
 loading code). ``--data DIR``: video files plus ``captions.jsonl``; encoded once into the run dir.
-Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I``.
+Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I``, or the same from the
+``CONTENTV_COORDINATOR`` / ``CONTENTV_NUM_PROCESSES`` / ``CONTENTV_PROCESS_ID`` variables alone; with
+neither, ``jax.distributed.initialize()`` auto-detects a TPU slice, SLURM or Open MPI launch
+(``contentv_jax.sharding.distributed.initialize``); a plain machine runs one process.
 Exit status: 0 on completion (or a clean SIGTERM stop), 1 when stopped by non-finite losses, 2 on a bad config.
 """
 
@@ -12,30 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    try:
-        from contentv_jax.sharding.distributed import add_distributed_args
-    except ImportError:
-        g = parser.add_argument_group("distributed (multi-host)")
-        g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-        g.add_argument("--num-processes", type=int, default=None)
-        g.add_argument("--process-id", type=int, default=None)
-        return
-    add_distributed_args(parser)
-
-
-def _initialize(args) -> None:
-    if args.coordinator is None:
-        return
-    try:
-        from contentv_jax.sharding.distributed import initialize
-    except ImportError:
-        import jax
-
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        return
-    initialize(args.coordinator, args.num_processes, args.process_id)
+from contentv_jax.sharding.distributed import add_distributed_args, initialize_from_args
 
 
 def main(argv=None) -> int:
@@ -45,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=None, help="directory of videos + captions.jsonl (sets data.dir)")
     parser.add_argument("--run-dir", default=None, help="where checkpoints, logs and caches go (sets run_dir)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100")
-    _add_distributed_args(parser)
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
 
     from contentv_jax.config import ConfigError
@@ -61,16 +41,20 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _initialize(args)
+    try:
+        initialize_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from contentv_jax.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
+    try:  # a bad value found while setting up (e.g. an unknown vae.name) is a config error too
+        trainer = Trainer(cfg).setup()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.setup().run()
+    summary = trainer.run()
     if trainer.main:
         losses = summary["losses"]
         print(f"{summary['status']}: steps {summary['start_step']} -> {summary['final_step']}", end="")

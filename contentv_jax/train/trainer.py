@@ -240,6 +240,13 @@ class Trainer:
                 raise ConfigError(f"config key {key!r}: {path!r} is not a directory")
         if cfg.data.dir and not (Path(cfg.data.dir) / "captions.jsonl").is_file():
             raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
+        if not cfg.vae.path:  # the tiny VAE's config name, checked before anything is built
+            from contentv_jax.models.vae import get_config as vae_config
+
+            try:
+                vae_config(cfg.vae.name)
+            except ValueError as e:
+                raise ConfigError(f"config key 'vae.name': {e}") from None
         self.model_config, self.model_source = self._model_config()
         try:  # the kernel the model will run, checked for this backend before anything compiles
             self.attention_kernel = self.model_config.resolved_attention_kernel()
