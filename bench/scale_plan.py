@@ -3,7 +3,7 @@
 For each resolution and (data, fsdp, sequence) split, the train step is lowered from abstract
 shapes (nothing allocated) and compiled for the mesh. The model config comes from a training config
 (``--config``, default ``configs/train/stage3.yaml``) through the trainer's own path
-(``contentv_jax.train.trainer.model_config``): its compute dtype (bfloat16), float32 params and
+(``contentv_jax.checkpoints.transformer_config``, as ``Trainer`` calls it): its compute dtype (bfloat16), float32 params and
 AdamW state, remat policy (full) and ``model.attention_kernel`` resolved for the simulated (CPU)
 backend (``auto`` -> ``chunked``), with Ulysses over ``sequence``. It also prints, for every stage
 config in ``configs/train/``, the kernel ``model.attention_kernel`` resolves to on CPU, GPU and TPU.
@@ -200,13 +200,13 @@ def main(argv=None) -> int:
     from contentv_jax.config import ConfigError
     from contentv_jax.sharding.mesh import MeshConfig, create_mesh
     from contentv_jax.train.config import load_train_config
-    from contentv_jax.train.trainer import model_config
+    from contentv_jax.checkpoints import transformer_config
 
     # The run's own model config: the stage's dtype, float32 params (so float32 AdamW moments), remat,
     # attention kernel. model.init=random: a stage's init checkpoint has the named architecture.
     try:
         train_cfg = load_train_config(args.config, [*args.overrides, "model.init=random"])
-        cfg, _ = model_config(train_cfg)
+        cfg, _ = transformer_config(train_cfg.model)
         kernel = cfg.resolved_attention_kernel()
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         cfg = cfg.replace(num_layers=args.layers)
     stage_kernels = {}
     for stage in sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")):
-        scfg, _ = model_config(load_train_config(stage, ["model.init=random"]))
+        scfg, _ = transformer_config(load_train_config(stage, ["model.init=random"]).model)
         stage_kernels[stage.stem] = {b: scfg.resolved_attention_kernel(b) for b in ("cpu", "gpu", "tpu")}
         print(f"{stage.name:20s} model.attention_kernel={scfg.attention_kernel!r} -> "
               + ", ".join(f"{b}: {k}" for b, k in stage_kernels[stage.stem].items()), flush=True)
