@@ -374,60 +374,118 @@ class Trainer:
 
     def train_step(self, batch: dict):
         """Run one compiled step on a global batch; returns host metrics (a dict of floats)."""
+        return self._read_metrics(self._dispatch(batch))
+
+    def _dispatch(self, batch: dict):
+        """Start one compiled step; returns its metrics as device arrays, without waiting for them."""
         with jax.set_mesh(self.mesh), activation_sharding(self.mesh):
             self.state, metrics = self._step(self.state, batch)
-        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return metrics
+
+    @staticmethod
+    def _read_metrics(metrics) -> dict:
+        """Device metrics -> host floats (blocks until that step has run). The metrics are replicated,
+        so each process reads its own copy (no cross-host transfer)."""
+        return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+
+    def _stop_check(self):
+        """How this run learns of a SIGTERM, and ``(check(step) -> bool, restore)``.
+
+        Every process must stop at the same step, or the one that stops enters the collective
+        checkpoint save while the others are inside a collective train step: a hang. With the JAX
+        distributed runtime and its preemption service (on by default), JAX's own notifier catches
+        SIGTERM on any host and ``multihost_utils.reached_preemption_sync_point(step)`` turns true at
+        the same step on every host; no Python handler is installed (it would replace JAX's). With the
+        runtime but no preemption service, a local flag is all-reduced every step (a max over
+        processes). One process: a local flag, set by a SIGTERM handler (the previous handler restored
+        by ``restore``)."""
+        from jax.experimental import multihost_utils
+
+        if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+            return multihost_utils.reached_preemption_sync_point, lambda: None
+        flag = {"sigterm": False}
+        prev = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("sigterm", True))
+            restore = lambda: signal.signal(signal.SIGTERM, prev)  # noqa: E731
+        except ValueError:  # not the main thread
+            restore = lambda: None  # noqa: E731
+        if jax.process_count() > 1:
+            def check(step):
+                return bool(np.max(multihost_utils.process_allgather(np.int32(flag["sigterm"]))))
+
+            return check, restore
+        return (lambda step: flag["sigterm"]), restore
 
     # -- the loop
     def run(self) -> dict:
-        """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...)."""
+        """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...).
+
+        The host never waits for the step it just dispatched: step N's metrics are read after step
+        N + 1 is dispatched (MaxText's one-step-behind pattern), so the host prepares and dispatches
+        the next batch while the device computes. A non-finite stop therefore takes effect one step
+        after the step that reached ``max_nonfinite``. A SIGTERM (on any host) stops every process at
+        the same step (:meth:`_stop_check`), after one collective checkpoint save; exit status 0.
+        """
         cfg = self.cfg
         if not hasattr(self, "_step"):
             self.setup()
         logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard)
         bar = ProgressBar(cfg.steps, self.start_step, enabled=self.main and cfg.logging.progress_bar)
-        stop = {"sigterm": False}
-        prev = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
-        except ValueError:  # not the main thread
-            prev = None
+        stop_requested, restore_handler = self._stop_check()
+        hook = _test_sigterm_step()
         step = self.start_step
-        nonfinite = 0
+        last_saved = self.start_step if self.start_step in self.ckpt.all_steps() else None
+        counts = {"nonfinite": 0}
         losses = []
         status = "completed"
-        t_last, n_last = time.perf_counter(), 0
+        clock = {"t": time.perf_counter(), "n": 0}
+
+        def record(done_step, metrics, tokens):
+            """Read one finished step's metrics on the host; log them; False when too many were non-finite."""
+            m = self._read_metrics(metrics)
+            losses.append(m["loss"])
+            clock["n"] += 1
+            ok = True
+            if not m.pop("finite"):
+                counts["nonfinite"] += 1
+                logger.event(done_step, event="nonfinite_loss", loss=str(m["loss"]), grad_norm=str(m["grad_norm"]),
+                             count=counts["nonfinite"])
+                bar.write(f"step {done_step}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}); update skipped")
+                ok = counts["nonfinite"] < cfg.max_nonfinite
+            if done_step % cfg.logging.every == 0 or done_step == cfg.steps:
+                now = time.perf_counter()
+                sps = clock["n"] / max(now - clock["t"], 1e-9)
+                clock["t"], clock["n"] = now, 0
+                m.update(steps_per_s=sps, tokens_per_s=sps * tokens)
+                logger.log(done_step, m)
+            bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
+            return ok
+
+        pending = None  # (step, device metrics, tokens) of the last dispatched step, not yet read
         try:
             while step < cfg.steps:
                 local = next(self.data_iter)
                 if int(local.get("step", step)) != step:
                     raise RuntimeError(f"data iterator is at step {local['step']}, the trainer at {step}")
                 batch = self.global_batch(local)
-                m = self.train_step(batch)
+                metrics = self._dispatch(batch)
                 step += 1
-                tokens = latent_tokens(batch["latents"].shape)
-                n_last += 1
-                losses.append(m["loss"])
-                if not m.pop("finite"):
-                    nonfinite += 1
-                    logger.event(step, event="nonfinite_loss", loss=str(m["loss"]), grad_norm=str(m["grad_norm"]),
-                                 count=nonfinite)
-                    bar.write(f"step {step}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}); update skipped")
-                    if nonfinite >= cfg.max_nonfinite:
-                        status = f"stopped: {nonfinite} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
-                        break
-                if step % cfg.logging.every == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    sps = n_last / max(now - t_last, 1e-9)
-                    t_last, n_last = now, 0
-                    m.update(steps_per_s=sps, tokens_per_s=sps * tokens)
-                    logger.log(step, m)
-                bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
-                self.ckpt.save(step, self.state, self.data_iter.get_state())
-                if stop["sigterm"]:
+                ok = True if pending is None else record(*pending)
+                pending = (step, metrics, latent_tokens(batch["latents"].shape))
+                if not ok:
+                    status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
+                    break
+                if self.ckpt.save(step, self.state, self.data_iter.get_state()):
+                    last_saved = step
+                if hook is not None and step == hook:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if stop_requested(step):
                     status = "interrupted by SIGTERM (checkpoint saved)"
                     break
-            if step not in self.ckpt.all_steps():
+            if pending is not None and not record(*pending) and status == "completed":
+                status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
+            if last_saved != step:
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
             self.ckpt.wait()
             if cfg.checkpoint.export and status == "completed":
@@ -437,8 +495,8 @@ class Trainer:
             bar.close()
             logger.flush()
             logger.close()
-            if prev is not None:
-                signal.signal(signal.SIGTERM, prev)
+            restore_handler()
+        nonfinite = counts["nonfinite"]
         skipped = [
             {"file": f, "reason": reason} for reason, files in self.encode_stats.get("skipped", {}).items() for f in files
         ]
@@ -455,6 +513,22 @@ class Trainer:
         if self.main:
             _atomic_write(self.run_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
         return summary
+
+
+TEST_SIGTERM_ENV = "CONTENTV_TEST_SIGTERM_AT_STEP"
+
+
+def _test_sigterm_step() -> int | None:
+    """Test hook: ``CONTENTV_TEST_SIGTERM_AT_STEP=N`` (or ``N:I``, process ``I`` only) makes the process
+    send itself SIGTERM right after dispatching step N, so tests can preempt at a known step without
+    racing the run. Unset in real runs."""
+    v = os.environ.get(TEST_SIGTERM_ENV)
+    if not v:
+        return None
+    at, _, proc = v.partition(":")
+    if proc and int(proc) != jax.process_index():
+        return None
+    return int(at)
 
 
 def train(cfg: TrainConfig, *, devices=None) -> dict:
