@@ -1,9 +1,13 @@
 """The contentv-8b train step at the report's scale, compiled ahead of time on simulated CPU devices.
 
 For each resolution and (data, fsdp, sequence) split, the train step is lowered from abstract
-shapes (nothing allocated) and compiled for the mesh. Settings: bfloat16 compute, float32 params
-and AdamW state, full remat, and Ulysses with the chunked attention kernel. For each run it
-reports:
+shapes (nothing allocated) and compiled for the mesh. The model config comes from a training config
+(``--config``, default ``configs/train/stage3.yaml``) through the trainer's own path
+(``contentv_jax.checkpoints.transformer_config``, as ``Trainer`` calls it): its compute dtype (bfloat16), float32 params and
+AdamW state, remat policy (full) and ``model.attention_kernel`` resolved for the simulated (CPU)
+backend (``auto`` -> ``chunked``), with Ulysses over ``sequence``. It also prints, for every stage
+config in ``configs/train/``, the kernel ``model.attention_kernel`` resolves to on CPU, GPU and TPU.
+For each run it reports:
 - per-device memory from ``memory_analysis()``: arguments + outputs + temporaries, with the params
   and AdamW state donated;
 - the closed-form FLOPs per step: model FLOPs (3 x forward) and hardware FLOPs (plus remat, the
@@ -11,6 +15,7 @@ reports:
 - the step time at 50 % MFU on TPU v5p, TPU v6e and the report's 320 TFLOP/s NPU.
 
     python bench/scale_plan.py                       # 256 devices, Stage 3 and 720p, default splits
+    python bench/scale_plan.py --config configs/train/stage2.yaml model.attention_kernel=xla   # another setting
     python bench/scale_plan.py --devices 16 --layers 2 --splits 2,4,2 --resolutions stage3   # quick check
 
 FLOP check: XLA's ``cost_analysis()`` counts a while loop's body once. That covers the scanned
@@ -123,7 +128,9 @@ def main(argv=None) -> int:
                     help="';'-separated data,fsdp,sequence (each multiplying to --devices)")
     ap.add_argument("--resolutions", default="stage3,720p")
     ap.add_argument("--layers", type=int, default=None, help="override num_layers (quick checks)")
-    ap.add_argument("--kernel", default="chunked", help="attention kernel of the planned step")
+    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "train" / "stage3.yaml"),
+                    help="training config whose model is planned (through the trainer's config path)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="training-config overrides, e.g. model.attention_kernel=xla")
     ap.add_argument("--batch-per-shard", type=int, default=1, help="samples per (data x fsdp) shard")
     ap.add_argument("--verify-mesh", default="1,2,1",
                     help="data,fsdp,sequence of the FLOP check (2 layers, xla kernel); 'none' to skip")
@@ -134,14 +141,30 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import jax
 
-    from contentv_jax.models.transformer import get_config
+    from contentv_jax.config import ConfigError
     from contentv_jax.sharding.mesh import MeshConfig, create_mesh
+    from contentv_jax.train.config import load_train_config
+    from contentv_jax.checkpoints import transformer_config
 
-    # The issue's setting, explicit: bfloat16 compute, float32 params (so float32 AdamW moments), full remat.
-    overrides = {"attention_kernel": args.kernel, "dtype": "bfloat16", "param_dtype": "float32", "remat_policy": "full"}
+    # The run's own model config: the stage's dtype, float32 params (so float32 AdamW moments), remat,
+    # attention kernel. model.init=random: a stage's init checkpoint has the named architecture.
+    try:
+        train_cfg = load_train_config(args.config, [*args.overrides, "model.init=random"])
+        cfg, _ = transformer_config(train_cfg.model)
+        kernel = cfg.resolved_attention_kernel()
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = cfg.replace(attention_kernel=kernel)  # what the built model runs on this (CPU) backend
     if args.layers:
-        overrides["num_layers"] = args.layers
-    cfg = get_config("contentv-8b", **overrides)
+        cfg = cfg.replace(num_layers=args.layers)
+    stage_kernels = {}
+    for stage in sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")):
+        scfg, _ = transformer_config(load_train_config(stage, ["model.init=random"]).model)
+        stage_kernels[stage.stem] = {b: scfg.resolved_attention_kernel(b) for b in ("cpu", "gpu", "tpu")}
+        print(f"{stage.name:20s} model.attention_kernel={scfg.attention_kernel!r} -> "
+              + ", ".join(f"{b}: {k}" for b, k in stage_kernels[stage.stem].items()), flush=True)
+    print(f"planned: {args.config} ({train_cfg.model.name}), model.attention_kernel={train_cfg.model.attention_kernel!r} "
+          f"-> {kernel} on the simulated {jax.default_backend()} devices", flush=True)
     resolutions = args.resolutions.split(",")
     for res in resolutions:
         if res not in RESOLUTIONS:
@@ -209,6 +232,7 @@ def main(argv=None) -> int:
     if n_params is not None:
         print(f"parameters: {n_params:,} (closed form {param_count(cfg):,})")
     print(json.dumps({"bench": "scale_plan", "devices": args.devices, "layers": cfg.num_layers,
+                      "train_config": str(args.config), "stage_kernels": stage_kernels,
                       "config": {k: getattr(cfg, k) for k in ("dtype", "param_dtype", "remat_policy", "attention_kernel")},
                       "params": n_params, "flop_checks": checks, "rows": rows}))
     return 0

@@ -301,7 +301,9 @@ def transformer_config(model_section: Any):
     Args:
       model_section: ``name`` (a named config), ``init`` (``random``, or a checkpoint directory in our
         format or diffusers'; its config wins over ``name``), ``dtype`` (compute), ``remat_policy``
-        (empty: the config's), ``latent_channels`` (0: the config's ``in_channels``).
+        (empty: the config's), ``attention_kernel`` (``auto`` or a kernel name; it replaces a loaded
+        checkpoint's), ``latent_channels`` (0: the config's ``in_channels``). The trainer and
+        ``bench/scale_plan.py`` both build their model from this, so a plan measures what a run runs.
     Returns:
       ``(TransformerConfig with float32 parameters, source)``; ``source`` is ``"random"``, ``"ours"``
       or ``"diffusers"``.
@@ -311,7 +313,7 @@ def transformer_config(model_section: Any):
     from contentv_jax.models import transformer as T
 
     m = model_section
-    ov = {"dtype": m.dtype, "param_dtype": "float32"}
+    ov = {"dtype": m.dtype, "param_dtype": "float32", "attention_kernel": m.attention_kernel}
     if m.remat_policy:
         if m.remat_policy not in T.REMAT_POLICIES:
             raise ConfigError(

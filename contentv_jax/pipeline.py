@@ -703,7 +703,7 @@ class ContentVPipeline:
         *,
         dtype=None,
         mesh: Mesh | None = None,
-        attention_kernel: str | None = None,
+        attention_kernel: str | None = "auto",
         vae_tiling: bool = False,
         offload: bool | str = False,
         vae_slicing: bool = False,
@@ -723,8 +723,10 @@ class ContentVPipeline:
             ``pipeline/``, else its exported weights, else its latest checkpoint) or a run's ``pipeline/``.
           dtype: transformer dtype (a name such as ``"bfloat16"`` or a JAX dtype), for its parameters and
             matmuls (None: float32; the official demo uses bfloat16). The VAE runs in float32, as in the demo.
+          attention_kernel: one of ``contentv_jax.models.attention.KERNEL_CHOICES``; default ``auto``
+            (cuDNN flash on GPU, splash on TPU, ``chunked`` on CPU); None keeps the checkpoint config's.
+            A kernel that cannot run on this backend raises ValueError when the model is built.
           mesh: sample sharded on this mesh (parameters by logical names; ``sequence`` > 1: Ulysses attention).
-          attention_kernel: one of ``contentv_jax.models.attention.KERNELS`` (``chunked`` for long videos).
           vae_tiling: decode in spatial tiles (diffusers' ``enable_tiling`` sizes).
           offload: one of :data:`OFFLOAD_MODES` (``True``: ``"model"``): ``"model"`` keeps parameters in host
             memory, each model goes to the device only while it runs; ``"sequential"`` also streams the
@@ -754,10 +756,10 @@ class ContentVPipeline:
         if dtype is not None:
             dtype = jnp.dtype(dtype).name
         if attention_kernel is not None:
-            from contentv_jax.models.attention import KERNELS
+            from contentv_jax.models.attention import KERNEL_CHOICES
 
-            if attention_kernel not in KERNELS:
-                raise ValueError(f"attention_kernel {attention_kernel!r} is not one of {KERNELS}")
+            if attention_kernel not in KERNEL_CHOICES:
+                raise ValueError(f"attention_kernel {attention_kernel!r} is not one of {KERNEL_CHOICES}")
         overrides = {} if attention_kernel is None else {"attention_kernel": attention_kernel}
         if src.checkpoint is not None:
             logger.info("sampling training checkpoint %s", src.checkpoint)

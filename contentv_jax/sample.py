@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem = p.add_argument_group("memory")
     mem.add_argument("--vae-tiling", action="store_true", help="decode in spatial tiles")
     mem.add_argument("--chunked-attention", action="store_true", help="online-softmax attention in chunks")
-    mem.add_argument("--attention-kernel", default=None, help="xla | cudnn | splash | chunked (overrides the above)")
+    mem.add_argument("--attention-kernel", default=None,
+                     help="auto | xla | cudnn | splash | chunked (default auto: cuDNN flash on GPU, splash on TPU, "
+                          "chunked on CPU; overrides --chunked-attention)")
     mem.add_argument("--offload", action="store_true",
                      help="keep parameters in host memory; each model goes to the device only while it runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -170,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--max-sequence-length must be >= 1, got {args.max_sequence_length}")
         if args.fps <= 0:
             raise ValueError(f"--fps must be positive, got {args.fps}")
-        kernel = args.attention_kernel or ("chunked" if args.chunked_attention else None)
-        if kernel is not None:
-            from contentv_jax.models.attention import KERNELS
+        kernel = args.attention_kernel or ("chunked" if args.chunked_attention else "auto")
+        from contentv_jax.models.attention import KERNEL_CHOICES, resolve_kernel
 
-            if kernel not in KERNELS:
-                raise ValueError(f"--attention-kernel {kernel!r} is not one of {KERNELS}")
+        if kernel not in KERNEL_CHOICES:
+            raise ValueError(f"--attention-kernel {kernel!r} is not one of {KERNEL_CHOICES}")
+        try:  # refused here, before anything loads or compiles, when it cannot run on this backend
+            resolve_kernel(kernel, dtype=args.dtype)
+        except ValueError as e:
+            raise ValueError(f"--attention-kernel: {e}") from None
         need_text = args.prompt_embeds is None
         src = pl.ContentVPipeline.check_model_dir(args.model, need_text=need_text, need_vae=args.output_type != "latent",
                                                   checkpoint=args.checkpoint)

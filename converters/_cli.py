@@ -13,8 +13,9 @@ from converters.common import CheckpointError
 def main(direction: str, argv: list[str] | None = None) -> int:
     """Parse ``--component/--src/--dst`` and call ``converters.convert.<direction>(component, src, dst)``.
 
-    Returns the process exit status: 0 on success, 1 on a conversion error (message on stderr,
-    nothing written), 2 on bad arguments.
+    Returns the process exit status: 0 on success; 2 on bad input (bad arguments, or a source that
+    is not a valid checkpoint: the message, one line naming the file or tensor, on stderr, nothing
+    written at the destination); 1 when the converter for the component is missing.
     """
     what = "diffusers -> contentv-jax" if direction == "from_diffusers" else "contentv-jax -> diffusers"
     parser = argparse.ArgumentParser(prog=f"python -m converters.{direction}", description=f"Convert a checkpoint ({what}).")
@@ -34,5 +35,5 @@ def main(direction: str, argv: list[str] | None = None) -> int:
         getattr(convert, direction)(args.component, args.src, args.dst, **kwargs)
     except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0

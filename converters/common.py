@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from contentv_jax.atomic import commit_dir, tmp_sibling
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 CONFIG_NAME = "config.json"
 
@@ -110,25 +110,50 @@ class LazyTensor:
 
 
 def _read_safetensors_header(file: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and where its data starts, checked before reading.
+
+    Raises:
+      CheckpointError: one line naming ``file``: shorter than 8 bytes, a header length past the end of
+        the file (random bytes would otherwise ask for exabytes), or a header that is not a JSON object.
+    """
+    size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise CheckpointError(f"{file}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
-        header = json.loads(f.read(n))
+        if n > size - 8:
+            raise CheckpointError(
+                f"{file}: not a safetensors file or truncated (header of {n} bytes, the file has {size})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, ValueError):
+            raise CheckpointError(f"{file}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (its header is not a JSON object)")
     return header, 8 + n
 
 
 def _open_safetensors(file: Path) -> dict[str, LazyTensor]:
-    """Index one ``.safetensors`` file: ``safe_open`` validates it and gives names, shapes, dtypes."""
+    """Index one ``.safetensors`` file: ``safe_open`` validates it and gives names, shapes, dtypes.
+
+    Raises:
+      CheckpointError: one line naming ``file`` when it is not a valid safetensors file (bad header,
+        data offsets past the end of a truncated file, ...), from the safetensors library's own check.
+    """
     header, data_start = _read_safetensors_header(file)
     out = {}
-    with safe_open(str(file), framework="numpy") as f:
-        for name in f.keys():
-            sl = f.get_slice(name)
-            out[name] = LazyTensor(
-                file, name, tuple(sl.get_shape()), sl.get_dtype(), tuple(header[name]["data_offsets"]), data_start
-            )
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = LazyTensor(
+                    file, name, tuple(sl.get_shape()), sl.get_dtype(), tuple(header[name]["data_offsets"]), data_start
+                )
+    except SafetensorError as e:
+        reason = " ".join(str(e).split())
+        raise CheckpointError(f"{file}: not a valid safetensors file ({reason})") from None
     return out
 
 

@@ -109,7 +109,7 @@ def test_mis_shaped_checkpoint_fails_naming_the_tensor(tiny_dirs, tmp_path, caps
         convert.from_diffusers("vae", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     rc = cli_main("from_diffusers", ["--component", "vae", "--src", str(bad), "--dst", str(tmp_path / "out")])
-    assert rc == 1 and name in capsys.readouterr().err
+    assert rc == 2 and name in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match=name):
         load_vae(bad)

@@ -32,8 +32,61 @@ from contentv_jax.sharding import logical, ulysses
 from contentv_jax.sharding.ulysses import pad_axis
 
 KERNELS = ("xla", "cudnn", "splash", "chunked")
+AUTO = "auto"
+KERNEL_CHOICES = (AUTO,) + KERNELS  # what a config may name; ``auto`` resolves per backend
+
+# cuDNN flash attention (fp16/bf16): head dim a multiple of 8, at most 128 (256 on Hopper and later);
+# the limit of jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention on pre-Hopper GPUs.
+_CUDNN_DTYPES = ("float16", "bfloat16")
+_CUDNN_MAX_HEAD_DIM = 128
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
+
+
+def _cudnn_problem(dtype, head_dim) -> str | None:
+    if dtype is not None and jnp.dtype(dtype).name not in _CUDNN_DTYPES:
+        return f"needs float16/bfloat16 inputs, the compute dtype is {jnp.dtype(dtype).name}"
+    if head_dim is not None and (head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM):
+        return f"needs a head dim that is a multiple of 8 and at most {_CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def resolve_kernel(name: str, *, backend: str | None = None, dtype=None, head_dim: int | None = None) -> str:
+    """The attention kernel a model will run: ``auto`` resolved for the backend, an explicit name checked.
+
+    ``auto``: ``cudnn`` (cuDNN flash) on GPU when the compute dtype is float16/bfloat16 and the head
+    dim fits, else ``chunked``; ``splash`` on TPU; ``chunked`` elsewhere (CPU). Every choice is
+    memory-lean (never the full score matrix). An explicit name is honoured when it can run here.
+
+    Args:
+      name: one of :data:`KERNEL_CHOICES`.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: ``jax.default_backend()``); given explicitly
+        to plan a run for another backend.
+      dtype: the compute dtype of q/k/v (None: not checked). head_dim: (None: not checked).
+    Returns:
+      one of :data:`KERNELS`.
+    Raises:
+      ValueError: one line naming the kernel, the backend and the constraint, for an unknown name,
+        ``cudnn`` off GPU or with an unsupported dtype / head dim, ``splash`` off TPU.
+    """
+    backend = backend or jax.default_backend()
+    if name not in KERNEL_CHOICES:
+        raise ValueError(f"attention kernel {name!r} is not one of {KERNEL_CHOICES}")
+    if name == AUTO:
+        if backend == "gpu":
+            return "chunked" if _cudnn_problem(dtype, head_dim) else "cudnn"
+        return "splash" if backend == "tpu" else "chunked"
+    if name == "cudnn":
+        problem = "needs a GPU (CUDA) backend" if backend != "gpu" else _cudnn_problem(dtype, head_dim)
+        if problem:
+            raise ValueError(f"attention kernel 'cudnn' cannot run on backend {backend!r}: {problem}")
+    if name == "splash" and backend != "tpu":
+        raise ValueError(
+            f"attention kernel 'splash' cannot run on backend {backend!r}: needs a TPU backend "
+            "(Pallas Mosaic; off TPU it only runs in the slow interpret mode of the low-level "
+            "dot_product_attention, for tests)"
+        )
+    return name
 
 
 def _check(q, k, v, kv_length):
@@ -96,75 +149,85 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_length: int | 
     return jnp.einsum("bnqk,bnkd->bnqd", p, vt).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _scores(qb, kb, ok):
-    """(B, cq, N, D) x (B, ck, N, D) -> (B, N, cq, ck) logits, padded keys at a large negative value."""
-    return jnp.where(ok, jnp.einsum("bqnd,bknd->bnqk", qb, kb), _NEG)
+def _logits(qb, kb, j, ck, valid, scale):
+    """(B, cq, N, D) x (B, ck, N, D) -> (B, N, cq, ck) float32 logits of key chunk ``j``; keys at or
+    past ``valid`` (padding) at a large negative value. The mask is built here, for this chunk only."""
+    s = jnp.einsum("bqnd,bknd->bnqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    if valid is None:
+        return s
+    return jnp.where(j * ck + jnp.arange(ck) < valid, s, _NEG)
 
 
-def _flash_forward(qc, kc, vc, key_ok):
-    """Online softmax. qc: (nq, B, cq, N, D) pre-scaled; kc, vc: (nk, B, ck, N, D); key_ok: (nk, ck).
-    Returns out (nq, B, cq, N, D) and the log-sum-exp (nq, B, N, cq)."""
+def _flash_forward(qc, kc, vc, ck, valid, scale):
+    """Online softmax. qc: (nq, B, cq, N, D); kc, vc: (nk, B, ck, N, D), all in the compute dtype.
+    Returns out (nq, B, cq, N, D) in that dtype and the float32 log-sum-exp (nq, B, N, cq)."""
+    f32 = jnp.float32
 
     def one_chunk(qb):
         # the first key chunk (it holds key 0, always valid) starts the running max, sum and output;
         # starting from the data rather than from constants keeps the carry's type right under shard_map
-        s = _scores(qb, kc[0], key_ok[0])
+        s = _logits(qb, kc[0], 0, ck, valid, scale)
         m = s.max(-1)
-        p = jnp.where(key_ok[0], jnp.exp(s - m[..., None]), 0.0)
-        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p, vc[0]))
+        p = jnp.exp(s - m[..., None])  # masked logits underflow to exactly 0 (m is a real logit)
+        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p.astype(vc.dtype), vc[0], preferred_element_type=f32))
 
         def step(carry, xs):
-            m, l, acc = carry  # (B, N, cq), (B, N, cq), (B, cq, N, D)
-            kb, vb, ok = xs
-            s = _scores(qb, kb, ok)
+            m, l, acc = carry  # float32 (B, N, cq), (B, N, cq), (B, cq, N, D)
+            kb, vb, j = xs
+            s = _logits(qb, kb, j, ck, valid, scale)
             m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0)
+            p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            acc = acc * corr.transpose(0, 2, 1)[..., None] + jnp.einsum("bnqk,bknd->bqnd", p, vb)
+            pv = jnp.einsum("bnqk,bknd->bqnd", p.astype(vb.dtype), vb, preferred_element_type=f32)
+            acc = acc * corr.transpose(0, 2, 1)[..., None] + pv
             return (m_new, l * corr + p.sum(-1), acc), None
 
-        (m, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], key_ok[1:]))
-        return acc / l.transpose(0, 2, 1)[..., None], m + jnp.log(l)
+        nk = kc.shape[0]
+        (m, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], jnp.arange(1, nk)))
+        return (acc / l.transpose(0, 2, 1)[..., None]).astype(qc.dtype), m + jnp.log(l)
 
     return jax.lax.map(one_chunk, qc)
 
 
-@jax.custom_vjp
-def _flash(qc, kc, vc, key_ok):
-    return _flash_forward(qc, kc, vc, key_ok)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _flash(qc, kc, vc, ck, valid, scale):
+    return _flash_forward(qc, kc, vc, ck, valid, scale)[0]
 
 
-def _flash_fwd(qc, kc, vc, key_ok):
-    out, lse = _flash_forward(qc, kc, vc, key_ok)
-    return out, (qc, kc, vc, key_ok, out, lse)
+def _flash_fwd(qc, kc, vc, ck, valid, scale):
+    out, lse = _flash_forward(qc, kc, vc, ck, valid, scale)
+    return out, (qc, kc, vc, out, lse)
 
 
-def _flash_bwd(res, d_out):
+def _flash_bwd(ck, valid, scale, res, d_out):
     """FlashAttention-2 backward: recompute each (q, k) block's probabilities from the saved
-    log-sum-exp; memory is the inputs plus one block of logits."""
-    qc, kc, vc, key_ok, out, lse = res
-    delta = jnp.einsum("cbqnd,cbqnd->cbnq", d_out, out)  # rowsum(dO * O), (nq, B, N, cq)
+    log-sum-exp; memory is the inputs plus one block of logits. Matmuls take the compute dtype and
+    accumulate in float32; the gradients are float32 until cast to the inputs' dtype at the end."""
+    qc, kc, vc, out, lse = res
+    f32 = jnp.float32
+    delta = jnp.einsum("cbqnd,cbqnd->cbnq", d_out, out, preferred_element_type=f32)  # rowsum(dO * O)
     nk = kc.shape[0]
 
     def q_step(carry, xs):
-        dk, dv = carry  # (nk, B, ck, N, D)
+        dk, dv = carry  # float32 (nk, B, ck, N, D)
         qb, dob, lse_b, delta_b = xs
 
         def k_step(inner, j):
             dq, dk, dv = inner
-            kb, vb, ok = kc[j], vc[j], key_ok[j]
-            p = jnp.where(ok, jnp.exp(_scores(qb, kb, ok) - lse_b[..., None]), 0.0)  # (B, N, cq, ck)
-            dv = dv.at[j].add(jnp.einsum("bnqk,bqnd->bknd", p, dob))
-            ds = p * (jnp.einsum("bqnd,bknd->bnqk", dob, vb) - delta_b[..., None])
-            dq = dq + jnp.einsum("bnqk,bknd->bqnd", ds, kb)
-            dk = dk.at[j].add(jnp.einsum("bnqk,bqnd->bknd", ds, qb))
+            kb, vb = kc[j], vc[j]
+            p = jnp.exp(_logits(qb, kb, j, ck, valid, scale) - lse_b[..., None])  # (B, N, cq, ck) float32
+            dv = dv.at[j].add(jnp.einsum("bnqk,bqnd->bknd", p.astype(dob.dtype), dob, preferred_element_type=f32))
+            dp = jnp.einsum("bqnd,bknd->bnqk", dob, vb, preferred_element_type=f32)
+            ds = (p * (dp - delta_b[..., None]) * scale).astype(qb.dtype)
+            dq = dq + jnp.einsum("bnqk,bknd->bqnd", ds, kb, preferred_element_type=f32)
+            dk = dk.at[j].add(jnp.einsum("bnqk,bqnd->bknd", ds, qb, preferred_element_type=f32))
             return (dq, dk, dv), None
 
-        (dq, dk, dv), _ = jax.lax.scan(k_step, (qb * 0, dk, dv), jnp.arange(nk))
-        return (dk, dv), dq
+        (dq, dk, dv), _ = jax.lax.scan(k_step, ((qb * 0).astype(f32), dk, dv), jnp.arange(nk))
+        return (dk, dv), dq.astype(qc.dtype)
 
-    (dk, dv), dq = jax.lax.scan(q_step, (kc * 0, vc * 0), (qc, d_out, lse, delta))
-    return dq, dk, dv, None
+    (dk, dv), dq = jax.lax.scan(q_step, ((kc * 0).astype(f32), (vc * 0).astype(f32)), (qc, d_out, lse, delta))
+    return dq, dk.astype(kc.dtype), dv.astype(vc.dtype)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -181,23 +244,24 @@ def chunked_attention(
 ) -> jax.Array:
     """Memory-lean attention: online softmax over key/value chunks (Rabe & Staats 2021; FlashAttention-2).
 
-    Shapes as :func:`dot_product_attention`. Accumulates in float32. Forward and backward hold one
-    ``(B, N, q_chunk, kv_chunk)`` block of logits at a time; the backward pass (a custom VJP) saves
-    only the inputs, the output and the per-query log-sum-exp, and recomputes the probabilities.
+    Shapes as :func:`dot_product_attention`. q, k, v stay in their (compute) dtype; the matmuls
+    accumulate in float32 and the softmax statistics (running max, sum, log-sum-exp) are float32.
+    Forward and backward hold one ``(B, N, q_chunk, kv_chunk)`` block of logits at a time; the key
+    mask (``kv_length`` and chunk padding) is built per key chunk from its index, never as one array
+    over all keys. The backward pass (a custom VJP) saves only the inputs, the output and the
+    per-query log-sum-exp, and recomputes the probabilities.
     """
     b, sq, n, d = q.shape
     sk = k.shape[1]
     valid = sk if kv_length is None else kv_length
     cq, ck = min(q_chunk, sq), min(kv_chunk, sk)
     sq_p, sk_p = -(-sq // cq) * cq, -(-sk // ck) * ck
-    qf = pad_axis(q, 1, sq_p).astype(jnp.float32) * (1.0 / math.sqrt(d))
-    kf, vf = (pad_axis(t, 1, sk_p).astype(jnp.float32) for t in (k, v))
-    qc = qf.reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
-    kc = kf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
-    vc = vf.reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
-    key_ok = (jnp.arange(sk_p) < valid).reshape(sk_p // ck, ck)
-    out = _flash(qc, kc, vc, key_ok).swapaxes(0, 1).reshape(b, sq_p, n, d)
-    return out[:, :sq].astype(q.dtype)
+    k, v = (t.astype(q.dtype) for t in (k, v))
+    qc = pad_axis(q, 1, sq_p).reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
+    kc = pad_axis(k, 1, sk_p).reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
+    vc = pad_axis(v, 1, sk_p).reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
+    out = _flash(qc, kc, vc, ck, None if valid == sk_p else valid, 1.0 / math.sqrt(d))
+    return out.swapaxes(0, 1).reshape(b, sq_p, n, d)[:, :sq]
 
 
 def splash_attention(

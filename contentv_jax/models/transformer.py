@@ -38,7 +38,7 @@ from flax import nnx
 
 from contentv_jax.config import ConfigError
 from contentv_jax.dtypes import DTYPES
-from contentv_jax.models.attention import joint_attention
+from contentv_jax.models.attention import KERNEL_CHOICES, joint_attention, resolve_kernel
 from contentv_jax.sharding import ulysses
 from contentv_jax.sharding.logical import constrain
 
@@ -70,7 +70,10 @@ class TransformerConfig:
       param_dtype: parameter dtype name ("float32", "bfloat16", "float16").
       dtype: compute dtype name for matmuls and the residual stream.
       remat_policy: one of :data:`REMAT_POLICIES` for the scanned blocks.
-      attention_kernel: passed to :func:`contentv_jax.models.attention.joint_attention`.
+      attention_kernel: one of ``contentv_jax.models.attention.KERNEL_CHOICES``; ``auto`` (and any
+        explicit name) is resolved by :func:`contentv_jax.models.attention.resolve_kernel` when the
+        model is built (for the backend, ``dtype`` and head dim), so a kernel that cannot run here
+        fails then, before anything compiles. The resolved kernel is ``JointAttention.kernel``.
       norm_eps: epsilon of every layer norm and RMS norm (1e-6 in diffusers).
     """
 
@@ -109,6 +112,13 @@ class TransformerConfig:
                 raise ConfigError(f"{f} must be one of {sorted(DTYPES)}, got {getattr(self, f)!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"remat_policy must be one of {sorted(REMAT_POLICIES)}, got {self.remat_policy!r}")
+        if self.attention_kernel not in KERNEL_CHOICES:
+            raise ConfigError(f"attention_kernel must be one of {KERNEL_CHOICES}, got {self.attention_kernel!r}")
+
+    def resolved_attention_kernel(self, backend: str | None = None) -> str:
+        """:attr:`attention_kernel` resolved for ``backend`` (default: JAX's) with this config's compute
+        dtype and head dim (:func:`contentv_jax.models.attention.resolve_kernel`; raises its ValueError)."""
+        return resolve_kernel(self.attention_kernel, backend=backend, dtype=self.jnp_dtype, head_dim=self.attention_head_dim)
 
     @property
     def width(self) -> int:
@@ -182,9 +192,10 @@ class TransformerConfig:
 
 CONFIGS: dict[str, TransformerConfig] = {
     # ContentV-8B (report Table 1): SD3.5 Large's MM-DiT with the 3D patch embed.
-    "contentv-8b": TransformerConfig(param_dtype="float32", dtype="bfloat16", remat_policy="full"),
+    # attention "auto": cuDNN flash on GPU, splash on TPU, chunked on CPU (never the full score matrix).
+    "contentv-8b": TransformerConfig(param_dtype="float32", dtype="bfloat16", remat_policy="full", attention_kernel="auto"),
     # SD3.5 Large: same tensors (plus the unused 2D pos table in its checkpoint).
-    "sd35-large": TransformerConfig(param_dtype="float32", dtype="bfloat16", remat_policy="full"),
+    "sd35-large": TransformerConfig(param_dtype="float32", dtype="bfloat16", remat_policy="full", attention_kernel="auto"),
     # For tests: 3 layers (2 scanned + the context_pre_only block), 4 heads x 16.
     "tiny": TransformerConfig(
         num_layers=3, num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
@@ -352,7 +363,7 @@ class JointAttention(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, context_pre_only: bool, rngs: nnx.Rngs):
         d, n, hd = cfg.width, cfg.num_attention_heads, cfg.attention_head_dim
-        self.heads, self.head_dim, self.kernel = n, hd, cfg.attention_kernel
+        self.heads, self.head_dim, self.kernel = n, hd, cfg.resolved_attention_kernel()
         proj = partial(Dense, d, d, ("embed", "heads"), cfg, rngs=rngs)
         self.to_q, self.to_k, self.to_v = proj(), proj(), proj()
         self.add_q_proj, self.add_k_proj, self.add_v_proj = proj(), proj(), proj()

@@ -46,31 +46,81 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def detected_cluster() -> str | None:
+    """The multi-process launcher this process runs under, from its environment, or None.
+
+    ``None`` on a plain machine (a laptop, a CI runner, one GPU box): there ``initialize`` stays
+    single-process instead of calling ``jax.distributed.initialize()``, whose auto-detection would fail
+    (or probe a metadata server) there. Detected, as JAX's own cluster plugins read them:
+
+    - ``slurm``: an ``srun`` step with more than one task (``SLURM_JOB_ID``, ``SLURM_STEP_NODELIST``,
+      ``SLURM_NTASKS`` > 1, ``SLURM_PROCID``, ``SLURM_LOCALID``);
+    - ``open-mpi``: ``mpirun`` (``OMPI_MCA_orte_hnp_uri``), more than one rank when ``OMPI_COMM_WORLD_SIZE`` says;
+    - ``tpu``: a TPU slice (GKE: ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` listing more than one
+      host, or a Megascale coordinator; Cloud TPU VMs: a TPU device node ``/dev/accel*`` or ``/dev/vfio/<n>``
+      with ``libtpu`` installed, where JAX reads the slice's hosts from the TPU metadata).
+    """
+    env = os.environ
+    if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")):
+        if (_env_int("SLURM_NTASKS") or 1) > 1:
+            return "slurm"
+    if "OMPI_MCA_orte_hnp_uri" in env and (_env_int("OMPI_COMM_WORLD_SIZE") or 2) > 1:
+        return "open-mpi"
+    hosts = env.get("TPU_WORKER_HOSTNAMES") or env.get("TPU_PROCESS_ADDRESSES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "tpu"
+    import glob
+    from importlib.util import find_spec
+
+    if (glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")) and find_spec("libtpu") is not None:
+        return "tpu"
+    return None
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
     """Join the multi-process JAX runtime; call before anything touches a JAX device.
 
     Arguments left ``None`` come from ``CONTENTV_COORDINATOR`` / ``CONTENTV_NUM_PROCESSES`` /
-    ``CONTENTV_PROCESS_ID``. With one process (``num_processes`` unset or 1) this is a no-op.
-    Cross-process CPU collectives use gloo (the setting only affects the CPU backend).
+    ``CONTENTV_PROCESS_ID``, so the variables alone (no flags) make a multi-process job. When none of
+    the three is given at all, a launcher found by :func:`detected_cluster` (TPU slice, SLURM, Open MPI)
+    starts ``jax.distributed.initialize()`` with JAX's own auto-detection; on a plain machine nothing
+    happens (one process). ``num_processes`` 1 always means one process. Cross-process CPU collectives
+    use gloo (the setting only affects the CPU backend). JAX's preemption service (a SIGTERM on any
+    host is seen by every host at one step: ``multihost_utils.reached_preemption_sync_point``) comes
+    with the distributed runtime.
 
     Returns:
       True if the distributed runtime was initialised (now or by an earlier call), False for a single process.
     Raises:
-      ValueError: ``num_processes`` > 1 without a coordinator or process id, or a process id outside
-        ``[0, num_processes)``, or a coordinator not of the form ``HOST:PORT``.
+      ValueError: ``num_processes`` > 1 without a coordinator or process id, a process id outside
+        ``[0, num_processes)``, a coordinator not of the form ``HOST:PORT``, or a non-integer variable.
     """
     global _initialized
-    if _initialized:
+    if _initialized or jax.distributed.is_initialized():
+        _initialized = True
         return True
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    if coordinator is None and num_processes is None and process_id is None:
+        cluster = detected_cluster()
+        if cluster is None:
+            return False
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()  # JAX's auto-detection: coordinator, process count and id
+        _initialized = True
+        return True
     if num_processes is None or num_processes == 1:
+        if process_id not in (None, 0):
+            raise ValueError(f"--process-id {process_id} needs --num-processes > 1 (env {ENV_NUM_PROCESSES})")
         return False
     if num_processes < 1:
         raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
     if coordinator is None or process_id is None:
-        raise ValueError(f"--num-processes {num_processes} needs --coordinator HOST:PORT and --process-id")
+        raise ValueError(
+            f"--num-processes {num_processes} needs --coordinator HOST:PORT and --process-id "
+            f"(or env {ENV_COORDINATOR} and {ENV_PROCESS_ID})"
+        )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")

@@ -3,7 +3,10 @@
 With no arguments: trains the tiny model on CPU on a synthetic moving-shapes dataset rendered into the
 run directory, with tiny random text encoders and VAE (saved there and reloaded through the real
 loading code). ``--data DIR``: video files plus ``captions.jsonl``; encoded once into the run dir.
-Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``CONTENTV_*`` environment variables).
+Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I``, or the same from the
+``CONTENTV_COORDINATOR`` / ``CONTENTV_NUM_PROCESSES`` / ``CONTENTV_PROCESS_ID`` variables alone; with
+neither, ``jax.distributed.initialize()`` auto-detects a TPU slice, SLURM or Open MPI launch
+(``contentv_jax.sharding.distributed.initialize``); a plain machine runs one process.
 Exit status: 0 on completion (or a clean SIGTERM stop), 1 when stopped by non-finite losses, 2 on a bad config.
 """
 
@@ -47,12 +50,12 @@ def main(argv=None) -> int:
 
     from contentv_jax.train.trainer import Trainer
 
-    try:
-        trainer = Trainer(cfg)
+    try:  # a bad value found while setting up (e.g. an unknown vae.name) is a config error too
+        trainer = Trainer(cfg).setup()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = trainer.setup().run()
+    summary = trainer.run()
     if trainer.main:
         losses = summary["losses"]
         print(f"{summary['status']}: steps {summary['start_step']} -> {summary['final_step']}", end="")

@@ -31,14 +31,20 @@ class ModelConfig:
     directory or ours), loaded with ``load_transformer``; the loaded checkpoint's config wins over ``name``.
     ``dtype``: compute dtype (parameters stay float32 master weights). ``remat_policy``: passed to the
     model config (empty keeps the model default). ``latent_channels``: the transformer's in/out
-    channels, the VAE's latent channels (16 for the Wan2.1 VAE, ContentV report section 3; 0 keeps the
+    channels, the VAE's latent channels (16 for the Wan2.1 VAE, ContentV report section 4.1; 0 keeps the
     named config's ``in_channels``).
+    ``attention_kernel``: ``auto`` (cuDNN flash on GPU,
+    splash on TPU, ``chunked`` on CPU: never the full score matrix) or an explicit kernel
+    (``xla``, ``cudnn``, ``splash``, ``chunked``), refused before anything compiles when it cannot run
+    on the present backend (``contentv_jax.models.attention.resolve_kernel``); it overrides the
+    kernel named by a loaded checkpoint's config.
     """
 
     name: str = "tiny"
     init: str = "random"
     dtype: str = "bfloat16"
     remat_policy: str = ""
+    attention_kernel: str = "auto"
     latent_channels: int = 16
 
 
@@ -225,6 +231,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("max_nonfinite", f"must be >= 1, got {cfg.max_nonfinite}")
     if cfg.model.dtype not in DTYPE_NAMES:
         err("model.dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {cfg.model.dtype!r}")
+    from contentv_jax.models.attention import KERNEL_CHOICES
+
+    if cfg.model.attention_kernel not in KERNEL_CHOICES:
+        err("model.attention_kernel", f"must be one of {KERNEL_CHOICES}, got {cfg.model.attention_kernel!r}")
     b = cfg.buckets
     if (b.max_frames - 1) % VAE_TEMPORAL_FACTOR or b.max_frames < 1:
         err("buckets.max_frames", f"must be 4k+1 (the causal VAE's 1 + 4k frames), got {b.max_frames}")

@@ -36,9 +36,33 @@ def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def ema_update(ema, params, decay: float):
-    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, in the EMA's dtype (float32)."""
+def ema_update(ema, params, decay):
+    """``ema <- decay * ema + (1 - decay) * params`` leaf by leaf, in the EMA's dtype (float32).
+    ``decay``: a float or a traced float32 scalar (:func:`ema_decay`)."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)
+
+
+def ema_decay(max_decay: float, prior_updates) -> jax.Array:
+    """The EMA decay of an update that follows ``prior_updates`` applied updates of this run.
+
+    Mirrors diffusers' ``EMAModel.get_decay`` (``diffusers/training_utils.py``, ``use_ema_warmup=False``,
+    ``update_after_step=0``, ``min_decay=0``): 0 for the run's first update (the EMA starts as the
+    first updated weights), then ``min(max_decay, (1 + s) / (10 + s))`` with ``s = prior_updates``.
+    So a short run (5,000 steps of VAE adaptation or SFT at 0.9999) does not export weights that are
+    still mostly the initial ones. Returns a float32 scalar.
+    """
+    s = jnp.asarray(prior_updates, jnp.float32)
+    return jnp.where(s <= 0, 0.0, jnp.minimum(jnp.float32(max_decay), (1.0 + s) / (10.0 + s)))
+
+
+def applied_updates(opt_state) -> jax.Array:
+    """How many updates the optimizer has applied: the count optax's learning-rate schedule reads
+    (``ScaleByScheduleState.count``; steps skipped for a non-finite loss leave it unchanged)."""
+    counts = [v for path, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+              if any(getattr(k, "tuple_name", None) == "ScaleByScheduleState" for k in path)]
+    if len(counts) != 1:
+        raise ValueError(f"expected one optax schedule count in the optimizer state, found {len(counts)}")
+    return counts[0]
 
 
 def global_norm(tree) -> jax.Array:

@@ -59,7 +59,14 @@ from contentv_jax.train.config import (
     validate,
 )
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
-from contentv_jax.train.optim import ema_update, global_norm, learning_rate_schedule, make_optimizer
+from contentv_jax.train.optim import (
+    applied_updates,
+    ema_decay,
+    ema_update,
+    global_norm,
+    learning_rate_schedule,
+    make_optimizer,
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -99,11 +106,14 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
     "opt_state": optax state, "ema": pure dict or None}``; ``batch``: ``latents`` (B, T, H, W, C),
     ``prompt_embeds`` (B, L, Dctx), ``pooled`` (B, Dpool). A non-finite loss or gradient norm leaves
     params, optimizer and EMA unchanged (the step counter still advances past the batch).
+    The logged ``lr`` is the rate this step's update used: optax's schedule at its own count of
+    applied updates (which skipped steps do not advance). The EMA decay warms up as diffusers'
+    ``EMAModel.get_decay`` over the same count (:func:`contentv_jax.train.optim.ema_decay`).
     """
     dtype = DTYPES[cfg.model.dtype]
     sched = cfg.schedule
     lr_fn = learning_rate_schedule(cfg.optimizer)
-    ema_decay = cfg.optimizer.ema_decay
+    max_ema_decay = cfg.optimizer.ema_decay
 
     def loss_fn(params, x_sigma, t, context, pooled, target):
         state = jax.tree.map(lambda v: v, params_template)
@@ -131,6 +141,7 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
         )
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        prior_updates = applied_updates(state["opt_state"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
 
@@ -141,12 +152,13 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
         new_state["params"] = keep(params, state["params"])
         new_state["opt_state"] = keep(opt_state, state["opt_state"])
         if state.get("ema") is not None:
-            new_state["ema"] = keep(ema_update(state["ema"], params, ema_decay), state["ema"])
+            decay = ema_decay(max_ema_decay, prior_updates)
+            new_state["ema"] = keep(ema_update(state["ema"], params, decay), state["ema"])
         new_state["step"] = step + 1
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": lr_fn(step),
+            "lr": lr_fn(prior_updates),
             "sigma_mean": jnp.mean(sigma),
             "finite": finite,
         }
@@ -186,7 +198,18 @@ class Trainer:
                 raise ConfigError(f"config key {key!r}: {path!r} is not a directory")
         if cfg.data.dir and not (Path(cfg.data.dir) / "captions.jsonl").is_file():
             raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
+        if not cfg.vae.path:  # the tiny VAE's config name, checked before anything is built
+            from contentv_jax.models.vae import get_config as vae_config
+
+            try:
+                vae_config(cfg.vae.name)
+            except ValueError as e:
+                raise ConfigError(f"config key 'vae.name': {e}") from None
         self.model_config, self.model_source = self._model_config()
+        try:  # the kernel the model will run, checked for this backend before anything compiles
+            self.attention_kernel = self.model_config.resolved_attention_kernel()
+        except ValueError as e:
+            raise ConfigError(f"config key 'model.attention_kernel': {e}") from None
         self.cache_dir = data_cache_dir(cfg)
         self.encode_stats: dict = {}
 
@@ -213,7 +236,8 @@ class Trainer:
         if source == "ours":
             return checkpoints.load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh, self.rules)
         model = checkpoints.load_transformer(
-            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
+            self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy,
+            attention_kernel=mc.attention_kernel,
         )
         graphdef, state = nnx.split(model)
         sh = state_shardings(state, self.mesh, self.rules)
@@ -325,8 +349,20 @@ class Trainer:
 
     def export(self, dst: Path) -> None:
         """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
-        ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards)."""
-        checkpoints.export_checkpoint(dst, nnx.state(self.export_model()), self.model_config.to_dict())
+        ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards).
+
+        ``config.json`` records which weights these are: ``_exported_weights`` (``"ema"`` or
+        ``"params"``), and for the EMA ``_ema`` (the configured decay, the number of updates it
+        averaged, the warm-up rule); the keys start with ``_``, so loaders ignore them."""
+        use_ema = self.state.get("ema") is not None
+        record = {"_exported_weights": "ema" if use_ema else "params"}
+        if use_ema:
+            record["_ema"] = {
+                "decay": self.cfg.optimizer.ema_decay,
+                "updates": int(np.asarray(applied_updates(self.state["opt_state"]).addressable_data(0))),
+                "warmup": "min(decay, (1 + step) / (10 + step)), 0 at the first update (diffusers EMAModel.get_decay)",
+            }
+        checkpoints.export_checkpoint(dst, nnx.state(self.export_model()), {**self.model_config.to_dict(), **record})
 
     def _asset_dirs(self) -> tuple[Path, Path]:
         """The VAE and text-encoder directories of the run (``vae.path`` / ``text.path`` or the tiny ones under
@@ -385,66 +421,125 @@ class Trainer:
 
     def train_step(self, batch: dict):
         """Run one compiled step on a global batch; returns host metrics (a dict of floats)."""
+        return self._read_metrics(self._dispatch(batch))
+
+    def _dispatch(self, batch: dict):
+        """Start one compiled step; returns its metrics as device arrays, without waiting for them."""
         with jax.set_mesh(self.mesh), activation_sharding(self.mesh, self.rules):
             self.state, metrics = self._step(self.state, batch)
-        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return metrics
+
+    @staticmethod
+    def _read_metrics(metrics) -> dict:
+        """Device metrics -> host floats (blocks until that step has run). The metrics are replicated,
+        so each process reads its own copy (no cross-host transfer)."""
+        return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+
+    def _stop_check(self):
+        """How this run learns of a SIGTERM, and ``(check(step) -> bool, restore)``.
+
+        Every process must stop at the same step, or the one that stops enters the collective
+        checkpoint save while the others are inside a collective train step: a hang. With the JAX
+        distributed runtime and its preemption service (on by default), JAX's own notifier catches
+        SIGTERM on any host and ``multihost_utils.reached_preemption_sync_point(step)`` turns true at
+        the same step on every host; no Python handler is installed (it would replace JAX's). With the
+        runtime but no preemption service, a local flag is all-reduced every step (a max over
+        processes). One process: a local flag, set by a SIGTERM handler (the previous handler restored
+        by ``restore``)."""
+        from jax.experimental import multihost_utils
+
+        if jax.distributed.is_initialized() and jax.config.jax_enable_preemption_service:
+            return multihost_utils.reached_preemption_sync_point, lambda: None
+        flag = {"sigterm": False}
+        prev = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("sigterm", True))
+            restore = lambda: signal.signal(signal.SIGTERM, prev)  # noqa: E731
+        except ValueError:  # not the main thread
+            restore = lambda: None  # noqa: E731
+        if jax.process_count() > 1:
+            def check(step):
+                return bool(np.max(multihost_utils.process_allgather(np.int32(flag["sigterm"]))))
+
+            return check, restore
+        return (lambda step: flag["sigterm"]), restore
 
     # -- the loop
     def run(self) -> dict:
-        """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...)."""
+        """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...).
+
+        The host never waits for the step it just dispatched: step N's metrics are read after step
+        N + 1 is dispatched (MaxText's one-step-behind pattern), so the host prepares and dispatches
+        the next batch while the device computes. A non-finite stop therefore takes effect one step
+        after the step that reached ``max_nonfinite``. A SIGTERM (on any host) stops every process at
+        the same step (:meth:`_stop_check`), after one collective checkpoint save; exit status 0.
+        """
         cfg = self.cfg
         if not hasattr(self, "_step"):
             self.setup()
         logger = MetricsLogger(self.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard)
         bar = ProgressBar(cfg.steps, self.start_step, enabled=self.main and cfg.logging.progress_bar)
-        stop = {"sigterm": False}
-        prev = signal.getsignal(signal.SIGTERM)
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
-        except ValueError:  # not the main thread
-            prev = None
+        stop_requested, restore_handler = self._stop_check()
+        hook = _test_sigterm_step()
         step = self.start_step
-        nonfinite = 0
+        last_saved = self.start_step if self.start_step in self.ckpt.all_steps() else None
+        counts = {"nonfinite": 0}
         losses = []
         status = "completed"
-        t_last, n_last = time.perf_counter(), 0
+        clock = {"t": time.perf_counter(), "n": 0}
+
+        def record(done_step, metrics, tokens, flops):
+            """Read one finished step's metrics on the host; log them; False when too many were non-finite."""
+            m = self._read_metrics(metrics)
+            losses.append(m["loss"])
+            clock["n"] += 1
+            ok = True
+            if not m.pop("finite"):
+                counts["nonfinite"] += 1
+                logger.event(done_step, event="nonfinite_loss", loss=str(m["loss"]), grad_norm=str(m["grad_norm"]),
+                             count=counts["nonfinite"])
+                bar.write(f"step {done_step}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}); update skipped")
+                ok = counts["nonfinite"] < cfg.max_nonfinite
+            if done_step % cfg.logging.every == 0 or done_step == cfg.steps:
+                now = time.perf_counter()
+                sps = clock["n"] / max(now - clock["t"], 1e-9)
+                clock["t"], clock["n"] = now, 0
+                m.update(steps_per_s=sps, tokens_per_s=sps * tokens,
+                         model_tflops_per_device=sps * flops / self.mesh.devices.size / 1e12)
+                logger.log(done_step, m)
+            bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
+            return ok
+
+        pending = None  # (step, device metrics, tokens, flops) of the last dispatched step, not yet read
         try:
             while step < cfg.steps:
                 local = next(self.data_iter)
                 if int(local.get("step", step)) != step:
                     raise RuntimeError(f"data iterator is at step {local['step']}, the trainer at {step}")
                 batch = self.global_batch(local)
-                m = self.train_step(batch)
+                metrics = self._dispatch(batch)
                 step += 1
-                tokens = latent_tokens(batch["latents"].shape)
-                n_last += 1
-                losses.append(m["loss"])
-                if not m.pop("finite"):
-                    nonfinite += 1
-                    logger.event(step, event="nonfinite_loss", loss=str(m["loss"]), grad_norm=str(m["grad_norm"]),
-                                 count=nonfinite)
-                    bar.write(f"step {step}: non-finite loss {m['loss']} (grad norm {m['grad_norm']}); update skipped")
-                    if nonfinite >= cfg.max_nonfinite:
-                        status = f"stopped: {nonfinite} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
-                        break
-                if step % cfg.logging.every == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    sps = n_last / max(now - t_last, 1e-9)
-                    t_last, n_last = now, 0
-                    flops = train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1])
-                    m.update(steps_per_s=sps, tokens_per_s=sps * tokens,
-                             model_tflops_per_device=sps * flops / self.mesh.devices.size / 1e12)
-                    logger.log(step, m)
-                bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
+                ok = True if pending is None else record(*pending)
+                pending = (step, metrics, latent_tokens(batch["latents"].shape),
+                           train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1]))
+                if not ok:
+                    status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
+                    break
                 saved = self.ckpt.save(step, self.state, self.data_iter.get_state())
+                if saved:
+                    last_saved = step
                 if self.preview is not None and self.preview.due(step):
                     self.preview(step, self.export_model(), logger)
-                    t_last = time.perf_counter()  # sampling time is not training time
+                    clock["t"] = time.perf_counter()  # sampling time is not training time
                 _test_signal_after_step(step, saved, self.ckpt)  # test-only; a no-op unless its env var is set
-                if stop["sigterm"]:
+                if hook is not None and step == hook:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                if stop_requested(step):
                     status = "interrupted by SIGTERM (checkpoint saved)"
                     break
-            if step not in self.ckpt.all_steps():
+            if pending is not None and not record(*pending) and status == "completed":
+                status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
+            if last_saved != step:
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
             self.ckpt.wait()
             if cfg.checkpoint.export and status == "completed":
@@ -455,8 +550,8 @@ class Trainer:
             bar.close()
             logger.flush()
             logger.close()
-            if prev is not None:
-                signal.signal(signal.SIGTERM, prev)
+            restore_handler()
+        nonfinite = counts["nonfinite"]
         skipped = [
             {"file": f, "reason": reason} for reason, files in self.encode_stats.get("skipped", {}).items() for f in files
         ]
@@ -491,6 +586,22 @@ def _test_signal_after_step(step: int, saved: bool, ckpt) -> None:
             ckpt.wait()
         os.kill(os.getpid(), getattr(signal, name))
 # --- end of the test-only hook
+
+
+TEST_SIGTERM_ENV = "CONTENTV_TEST_SIGTERM_AT_STEP"
+
+
+def _test_sigterm_step() -> int | None:
+    """Test hook: ``CONTENTV_TEST_SIGTERM_AT_STEP=N`` (or ``N:I``, process ``I`` only) makes the process
+    send itself SIGTERM right after dispatching step N, so tests can preempt at a known step without
+    racing the run. Unset in real runs."""
+    v = os.environ.get(TEST_SIGTERM_ENV)
+    if not v:
+        return None
+    at, _, proc = v.partition(":")
+    if proc and int(proc) != jax.process_index():
+        return None
+    return int(at)
 
 
 def train(cfg: TrainConfig, *, devices=None) -> dict:
