@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -316,31 +315,23 @@ def rlhf_gradient(
         loss = loss + kl_weight * kl
         return grads, loss, aux, kl
 
-    # chain: adjoint a_{i} = a_{i+1} + dsigma_i (dv/dx_i)^T a_{i+1}, from a_N = g, down to the first chosen step.
+    # chain: adjoint a_i = a_{i+1} + dsigma_i (dv/dx_i)^T a_{i+1} from a_N = g, swept from step N-1 down to the first
+    # chosen step (earlier steps cannot change the parameter gradient); one VJP per step, its parameter part
+    # counted at the chosen steps only.
     n = sigmas.shape[0] - 1
     first = chosen[0]
 
     def chain_body(carry, i):
-        acc, a = carry
-        x = stored[i]
-        dsigma = sigmas[i + 1] - sigmas[i]
-        in_k = jnp.any(chosen == i)
-
-        def both(acc, a):
-            _, vjp = jax.vjp(lambda p, x: velocity(p, x, i), params, x)
+        def vjp_step(carry):
+            acc, a = carry
+            dsigma = sigmas[i + 1] - sigmas[i]
+            _, vjp = jax.vjp(lambda p, x: velocity(p, x, i), params, stored[i])
             gp, gx = vjp(dsigma * a)
-            return _tree_add(acc, gp), a + gx
-
-        def x_only(acc, a):
-            _, vjp = jax.vjp(lambda x: velocity(params, x, i), x)
-            (gx,) = vjp(dsigma * a)
+            in_k = jnp.any(chosen == i)
+            acc = jax.tree.map(lambda s, d: s + jnp.where(in_k, d, jnp.zeros_like(d)), acc, gp)
             return acc, a + gx
 
-        def skip(acc, a):
-            return acc, a
-
-        branch = jnp.where(i < first, 0, jnp.where(in_k, 2, 1))
-        return jax.lax.switch(branch, (skip, x_only, both), acc, a), None
+        return jax.lax.cond(i >= first, vjp_step, lambda c: c, carry), None
 
     (grads, _), _ = jax.lax.scan(chain_body, (_tree_zeros(params), g), jnp.arange(n - 1, -1, -1))
     return grads, loss, aux, jnp.zeros((), jnp.float32)
@@ -384,7 +375,8 @@ def make_rlhf_step(
 
     Args:
       apply: ``apply(params, latents, timestep, context, pooled) -> velocity``.
-      reward_apply: ``reward_apply(reward_state, frames (B, H, W, 3) in [0, 1], reward_inputs) -> (B,)`` float32.
+      reward_apply: ``reward_apply(reward_state, frames (B, H, W, 3) in [0, 1], input_ids) -> (B,)`` float32
+        (:func:`make_reward_apply` of a ``contentv_jax.models.reward`` model).
       vae_graphdef: ``nnx.split(vae)[0]`` of the Wan VAE.
       tx: the optax optimizer (gradient clipping included).
       rcfg: the RLHF settings.
@@ -392,7 +384,7 @@ def make_rlhf_step(
       ref_apply: the frozen reference's apply (needed when ``rcfg.kl_weight > 0``).
     ``state``: ``{"step": int32 (), "rng": uint32 key data, "params": float32 pytree, "opt_state": optax
     state}``. ``batch``: ``context``, ``pooled``, ``negative_context``, ``negative_pooled`` (B, ...) and
-    ``reward_inputs`` (any pytree the reward takes). ``aux``: ``{"vae": VAE state, "reward": reward state,
+    ``input_ids`` (B, L) the reward's prompt token ids (absent for rewards that ignore text). ``aux``: ``{"vae": VAE state, "reward": reward state,
     "ref": reference params or None}``. Noise, chosen steps and the scored frame come from
     ``fold_in(key(seed), step)``. A non-finite reward, loss or gradient norm leaves params and optimizer
     unchanged (``metrics["finite"]`` is False; the step counter advances).
@@ -418,7 +410,7 @@ def make_rlhf_step(
 
         def objective(x_n):
             frames = decode_frame(vae, x_n, frame)
-            r = reward_apply(aux["reward"], frames, batch["reward_inputs"]).astype(jnp.float32)
+            r = reward_apply(aux["reward"], frames, batch.get("input_ids")).astype(jnp.float32)
             return jnp.mean(reward_loss(r, rcfg.reward_scale, rcfg.reward_max)), r
 
         grads, loss, r, kl = rlhf_gradient(
@@ -479,17 +471,12 @@ def make_apply(graphdef, params_template, rest, dtype) -> Callable:
     return apply
 
 
-# ------------------------------------------------------------------------------------------------ analytic reward
-@dataclasses.dataclass(frozen=True)
-class ColorReward:
-    """An analytic reward for tests and demos: ``-mean((frame - color)^2)`` over pixels, per sample.
+def make_reward_apply(reward_graphdef) -> Callable:
+    """``reward_apply(reward_state, frames, input_ids) -> (B,)`` float32 for a reward model split by ``nnx.split``
+    (the interface of ``contentv_jax.models.reward``: frames ``(B, H, W, 3)`` in [0, 1])."""
+    from flax import nnx
 
-    ``frames``: float32 ``(B, H, W, 3)`` in [0, 1]; ``prompts`` ignored. Returns ``(B,)`` float32 in [-1, 0],
-    highest (0) for a frame of uniform colour ``color`` (RGB in [0, 1]).
-    """
+    def reward_apply(state, frames, input_ids):
+        return nnx.merge(reward_graphdef, state)(frames, input_ids).astype(jnp.float32)
 
-    color: tuple[float, float, float] = (1.0, 0.5, 0.0)
-
-    def __call__(self, frames: jax.Array, prompts: Any = None) -> jax.Array:
-        target = jnp.asarray(self.color, jnp.float32)
-        return -jnp.mean((frames.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+    return reward_apply
