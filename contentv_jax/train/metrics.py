@@ -42,6 +42,11 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}", v, int(step))
         self._jsonl.write(json.dumps(row) + "\n")
 
+    def image(self, step: int, tag: str, image) -> None:
+        """An ``(H, W, 3)`` float image in [0, 1] to TensorBoard (no-op without TensorBoard)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
     def event(self, step: int, **fields) -> None:
         """A non-scalar record in ``metrics.jsonl`` (e.g. ``{"event": "nonfinite_loss"}``)."""
         if not self.enabled:

@@ -340,8 +340,7 @@ class RLHFTrainer(Trainer):
             m, frames = self.evaluate()
             evals.append({"step": at, **m})
             logger.log(at, m)
-            if logger._tb is not None:
-                logger._tb.add_image("eval/frames", _grid(frames), at, dataformats="HWC")
+            logger.image(at, "eval/frames", _grid(frames))
             bar.write(f"step {at}: held-out reward {m['eval/reward_mean']:.4f} +- {m['eval/reward_std']:.4f}")
 
         t_last = time.perf_counter()
