@@ -254,3 +254,9 @@ def test_config_errors(field, value, match):
         rlhf.validate_rlhf(dataclasses.replace(rlhf.RLHFSection(num_steps=10, num_frames=29), **{field: value}))
     with pytest.raises(ConfigError, match="chain"):
         rlhf.validate_rlhf(rlhf.RLHFSection(mode="chain", kl_weight=0.1))
+
+
+def test_default_negative_prompt_is_the_samplers():
+    from contentv_jax.pipeline import DEFAULT_NEGATIVE_PROMPT
+
+    assert rlhf.RLHFSection().negative_prompt == DEFAULT_NEGATIVE_PROMPT

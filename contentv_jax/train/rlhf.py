@@ -60,6 +60,8 @@ class RLHFSection:
     ``num_frames`` / ``height`` / ``width``: rollout video size in pixels (frames 4k+1, sides multiples of 16).
     ``batch``: prompts per step (global). ``eval_every``: held-out reward every that many steps (0: never);
     ``eval_prompts``: file of held-out prompts; ``eval_batch``: how many of them are scored.
+    ``negative_prompt``: the unconditional branch's prompt (default: the official demo's, bytedance/ContentV
+    ``demo.py``, as ``contentv_jax.pipeline.DEFAULT_NEGATIVE_PROMPT``).
     """
 
     num_steps: int = 50
@@ -78,6 +80,9 @@ class RLHFSection:
     eval_every: int = 0
     eval_prompts: str = ""
     eval_batch: int = 4
+    negative_prompt: str = (
+        "overexposed, low quality, deformation, a poor composition, bad hands, bad teeth, bad eyes, bad limbs, distortion"
+    )
 
 
 def validate_rlhf(r: RLHFSection, key: str = "rlhf") -> RLHFSection:

@@ -6,8 +6,8 @@ Orbax checkpoints, logging, SIGTERM handling and resume; replaces its data with 
 
 Prompts (``--prompts FILE`` / ``prompts``): one per line, or JSONL lines with a ``"prompt"`` (or ``"caption"``)
 field; encoded once with the SD3 text encoders (as the encode stage does) and cached in
-``<run_dir>/prompts/`` keyed by the file's content and the text settings; the negative prompt is the official
-demo's. Held-out prompts: ``rlhf.eval_prompts`` or, when empty, the last ``rlhf.eval_batch`` lines of the file
+``<run_dir>/prompts/`` keyed by the file's content and the text settings; the negative prompt is ``rlhf.negative_prompt``
+(the official demo's). Held-out prompts: ``rlhf.eval_prompts`` or, when empty, the last ``rlhf.eval_batch`` lines of the file
 (not trained on). Prompt order: step ``s`` takes global rows ``s * B .. s * B + B - 1`` of an endless sequence of
 epochs, each a permutation drawn from ``(seed, epoch)``, so every host and every resume agree; each host loads
 only its rows (:meth:`Trainer.host_rows`).
@@ -34,7 +34,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from contentv_jax import scheduler as flow
 from contentv_jax.config import ConfigError
-from contentv_jax.pipeline import DEFAULT_NEGATIVE_PROMPT
 from contentv_jax.train import rlhf
 from contentv_jax.train.checkpoint import TrainCheckpointer
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
@@ -160,13 +159,13 @@ class RLHFTrainer(Trainer):
         from contentv_jax.data import prepare as data_prepare
 
         cfg = self.cfg
-        key = hashlib.sha256(json.dumps([texts, DEFAULT_NEGATIVE_PROMPT, cfg.text.path, cfg.text.max_length,
+        key = hashlib.sha256(json.dumps([texts, cfg.rlhf.negative_prompt, cfg.text.path, cfg.text.max_length,
                                          cfg.seed]).encode()).hexdigest()[:16]
         path = self.run_dir / "prompts" / f"{what}-{key}.npz"
         if not path.exists():
             text = data_prepare.text_encoders(cfg, self.model_config)
             pe, pp = text.encode(texts, max_sequence_length=cfg.text.max_length)
-            ne, npool = text.encode([DEFAULT_NEGATIVE_PROMPT], max_sequence_length=cfg.text.max_length)
+            ne, npool = text.encode([cfg.rlhf.negative_prompt], max_sequence_length=cfg.text.max_length)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp.npz")
             np.savez(tmp, context=np.asarray(pe, np.float32), pooled=np.asarray(pp, np.float32),
