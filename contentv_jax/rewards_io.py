@@ -87,7 +87,9 @@ def load_reward(name: str, path: str | os.PathLike | None = None, *, config: Any
         raise ValueError(f"reward {name!r}: a checkpoint path is required")
     path = Path(path)
     tok = load_tokenizer(tokenizer) if tokenizer is not None else _tokenizer_in(path)
-    if common.is_our_checkpoint(path):
+    from contentv_jax import checkpoints
+
+    if checkpoints.is_our_checkpoint(path):
         _, model = conv.load_our_reward(path, name)
         return Reward(name, model, tok)
 

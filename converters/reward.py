@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from contentv_jax import checkpoints
 from converters import common
 from converters.common import CheckpointError
 
@@ -447,7 +448,7 @@ def load_params(model_factory, entries, buffers, tensors: Mapping[str, _Tensor],
 def save_reward(dst: str | os.PathLike, name: str, model) -> None:
     """Write ``model`` as our checkpoint: ``config.json`` ``{"reward": name, "config": model.config.to_dict()}``
     plus the Orbax ``state/`` of its parameters (atomically)."""
-    common.save_checkpoint(dst, nnx.state(model, nnx.Param), {REWARD_FORMAT_KEY: name, "config": model.config.to_dict()})
+    checkpoints.save_checkpoint(dst, nnx.state(model, nnx.Param), {REWARD_FORMAT_KEY: name, "config": model.config.to_dict()})
 
 
 def load_our_reward(path: str | os.PathLike, name: str | None = None):
@@ -458,7 +459,7 @@ def load_our_reward(path: str | os.PathLike, name: str | None = None):
     """
     from contentv_jax.models.reward import build_reward, canonical_name
 
-    cfg = common.read_our_config(path)
+    cfg = checkpoints.read_our_config(path)
     stored = cfg.get(REWARD_FORMAT_KEY)
     if stored is None:
         raise CheckpointError(f"{path}: a contentv-jax checkpoint, but not of a reward model (no {REWARD_FORMAT_KEY!r} in config.json)")
@@ -467,7 +468,7 @@ def load_our_reward(path: str | os.PathLike, name: str | None = None):
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: build_reward(stored, cfg["config"]))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = common.load_checkpoint(path, params)
+    params = checkpoints.load_checkpoint(path, params)
     return stored, nnx.merge(graphdef, params, rest)
 
 

@@ -1,8 +1,10 @@
-"""``python -m contentv_jax.train [--config FILE] [--data DIR] [--run-dir DIR] [key=value ...]``
+"""``python -m contentv_jax.train [--config FILE] [--data DIR] [--run-dir DIR] [--prompts FILE] [key=value ...]``
 
 With no arguments: trains the tiny model on CPU on a synthetic moving-shapes dataset rendered into the
 run directory, with tiny random text encoders and VAE (saved there and reloaded through the real
 loading code). ``--data DIR``: video files plus ``captions.jsonl``; encoded once into the run dir.
+``mode=rlhf`` (``configs/train/rlhf*.yaml``): reward-gradient fine-tuning on the prompts of ``--prompts FILE``
+(``contentv_jax.train.rlhf_trainer``).
 Distributed: ``--coordinator HOST:PORT --num-processes N --process-id I``, or the same from the
 ``CONTENTV_COORDINATOR`` / ``CONTENTV_NUM_PROCESSES`` / ``CONTENTV_PROCESS_ID`` variables alone; with
 neither, ``jax.distributed.initialize()`` auto-detects a TPU slice, SLURM or Open MPI launch
@@ -25,6 +27,7 @@ def main(argv=None) -> int:
                         "the shipped configs/train/tiny.yaml)")
     parser.add_argument("--data", default=None, help="directory of videos + captions.jsonl (sets data.dir)")
     parser.add_argument("--run-dir", default=None, help="where checkpoints, logs and caches go (sets run_dir)")
+    parser.add_argument("--prompts", default=None, help="RLHF prompts, one per line or JSONL (sets prompts)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100")
     add_distributed_args(parser)
     args = parser.parse_args(argv)
@@ -37,6 +40,8 @@ def main(argv=None) -> int:
         overrides.append(f"data.dir={args.data}")
     if args.run_dir is not None:
         overrides.append(f"run_dir={args.run_dir}")
+    if args.prompts is not None:
+        overrides.append(f"prompts={args.prompts}")
     try:
         cfg = load_train_config(args.config, overrides)
     except ConfigError as e:
@@ -51,11 +56,24 @@ def main(argv=None) -> int:
     from contentv_jax.train.trainer import Trainer
 
     try:  # a bad value found while setting up (e.g. an unknown vae.name) is a config error too
-        trainer = Trainer(cfg).setup()
+        if cfg.mode == "rlhf":
+            from contentv_jax.train.rlhf_trainer import RLHFTrainer
+
+            trainer = RLHFTrainer(cfg).setup()
+        else:
+            trainer = Trainer(cfg).setup()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = trainer.run()
+    if cfg.mode == "rlhf":
+        if trainer.main:
+            r = summary["rewards"]
+            print(f"{summary['status']}: steps {summary['start_step']} -> {summary['final_step']}"
+                  + (f", reward {r[0]:.4f} -> {r[-1]:.4f}" if r else "") + f"; run dir {summary['run_dir']}")
+            for e in summary["eval"]:
+                print(f"  step {e['step']}: held-out reward {e['eval/reward_mean']:.4f} +- {e['eval/reward_std']:.4f}")
+        return 1 if summary["status"].startswith("stopped") else 0
     if trainer.main:
         losses = summary["losses"]
         print(f"{summary['status']}: steps {summary['start_step']} -> {summary['final_step']}", end="")

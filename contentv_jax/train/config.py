@@ -14,6 +14,7 @@ import dataclasses
 from contentv_jax.config import ConfigError, find_config, load_config
 from contentv_jax.dtypes import NAMES as DTYPE_NAMES
 from contentv_jax.sharding.mesh import MeshConfig
+from contentv_jax.train.rlhf import RLHFSection, validate_rlhf
 
 # Wan2.1 VAE: 4x temporal (causal: T -> 1 + (T - 1) / 4), 8x spatial compression.
 VAE_TEMPORAL_FACTOR = 4
@@ -191,10 +192,30 @@ class SamplingSection:
 
 
 @dataclasses.dataclass
+class RewardSection:
+    """The reward of ``mode: rlhf`` (``contentv_jax.models.reward``).
+
+    ``name``: ``clip`` | ``pickscore`` | ``mps`` | ``hps`` | ``analytic``. ``path``: its checkpoint (HF / open_clip /
+    MPS state dict, or ours); empty with ``clip``: a tiny random CLIP (``tiny_clip``-sized) is built, saved to
+    ``<run_dir>/assets/reward`` and reloaded through ``load_reward``. ``target``: the analytic reward's RGB target.
+    ``monitor_name`` / ``monitor_path``: an optional second reward logged on the held-out prompts only (a
+    reward-hacking monitor); empty: none.
+    """
+
+    name: str = "analytic"
+    path: str = ""
+    target: list[float] = dataclasses.field(default_factory=lambda: [1.0, 0.5, 0.0])
+    monitor_name: str = ""
+    monitor_path: str = ""
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs (``python -m contentv_jax.train``)."""
 
     run_dir: str = "runs/tiny"
+    mode: str = "flow_matching"
+    prompts: str = ""
     seed: int = 0
     steps: int = 200
     max_nonfinite: int = 5
@@ -209,6 +230,8 @@ class TrainConfig:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    rlhf: RLHFSection = dataclasses.field(default_factory=RLHFSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
 
 
 DEFAULT_CONFIG = "tiny"  # the shipped configs/train/tiny.yaml (contentv_jax.config.find_config)
@@ -227,6 +250,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.steps < 1:
         err("steps", f"must be >= 1, got {cfg.steps}")
+    if cfg.mode not in ("flow_matching", "rlhf"):
+        err("mode", f"must be 'flow_matching' or 'rlhf', got {cfg.mode!r}")
+    if cfg.mode == "rlhf":
+        validate_rlhf(cfg.rlhf)
+        if cfg.reward.name not in ("clip", "pickscore", "mps", "hps", "analytic"):
+            err("reward.name", f"must be one of clip, pickscore, mps, hps, analytic, got {cfg.reward.name!r}")
+        if cfg.reward.name not in ("clip", "analytic") and not cfg.reward.path:
+            err("reward.path", f"reward {cfg.reward.name!r} needs a checkpoint path")
     if cfg.max_nonfinite < 1:
         err("max_nonfinite", f"must be >= 1, got {cfg.max_nonfinite}")
     if cfg.model.dtype not in DTYPE_NAMES:

@@ -43,7 +43,7 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(row) + "\n")
 
     def image(self, step: int, tag: str, image) -> None:
-        """An (H, W, 3) uint8 image to TensorBoard under ``tag`` (no-op without TensorBoard)."""
+        """An (H, W, 3) uint8 image (or float in [0, 1]) to TensorBoard under ``tag`` (no-op without TensorBoard)."""
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image, int(step), dataformats="HWC")
 

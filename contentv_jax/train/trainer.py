@@ -188,7 +188,7 @@ class Trainer:
         self.batch_multiple = math.lcm(shard, jax.process_count())
         b = cfg.buckets
         for key, v, on in (("buckets.batch_video", b.batch_video, b.videos), ("buckets.batch_image", b.batch_image, b.images)):
-            if on and v % self.batch_multiple:
+            if on and v % self.batch_multiple and cfg.mode != "rlhf":  # rlhf: rlhf.batch, checked by RLHFTrainer
                 raise ConfigError(
                     f"config key {key!r}: batch {v} is not divisible by the mesh's data x fsdp = {shard} "
                     f"(and {jax.process_count()} processes)"
