@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from contentv_jax import pipeline as pl  # noqa: E402
-from contentv_jax.models import load_vae  # noqa: E402
+from contentv_jax.checkpoints import load_vae  # noqa: E402
 from contentv_jax.scheduler import sampling_sigmas, scheduler_shift  # noqa: E402
 from tests.official_sampling import official_decode, official_denoise  # noqa: E402
 from tests.sample_fixtures import build_tiny_model_dir, load_reference  # noqa: E402

@@ -51,8 +51,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from contentv_jax.models.transformer import load_transformer
-    from converters.transformer import from_diffusers
+    from contentv_jax.checkpoints import load_transformer
+    from converters.convert import from_diffusers
     from torch_npu_backend.transformer import SD3Transformer3DModel
 
     torch.manual_seed(0)
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     }
     with tempfile.TemporaryDirectory() as d:
         tmodel.save_pretrained(Path(d) / "diffusers")
-        from_diffusers(Path(d) / "diffusers", Path(d) / "ours")
+        from_diffusers("transformer", Path(d) / "diffusers", Path(d) / "ours")
         jmodel = load_transformer(Path(d) / "ours")
 
     # ---- torch

@@ -82,9 +82,10 @@ def worker(args) -> dict:
         from flax import nnx
 
         sys.path.insert(0, str(ROOT))
+        from contentv_jax.checkpoints import load_vae
         from contentv_jax.models import vae as vae_mod
 
-        model = vae_mod.load_vae(args.model)
+        model = load_vae(args.model)
         graphdef, state = nnx.split(model)
         xj = jnp.asarray(x)
         fn = vae_mod._encode_jit if args.op == "encode" else vae_mod._decode_jit

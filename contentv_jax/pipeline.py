@@ -445,13 +445,13 @@ class ContentVPipeline:
         if shift is None:
             shift = flow.scheduler_shift(model_dir / "scheduler" / "scheduler_config.json")
         dims = transformer_dims(model_dir / "transformer")
-        from contentv_jax.models import load_transformer
+        from contentv_jax.checkpoints import load_transformer
 
         overrides = {} if attention_kernel is None else {"attention_kernel": attention_kernel}
         transformer = load_transformer(model_dir / "transformer", dtype=dtype, param_dtype=dtype, **overrides)
         vae = None
         if load_vae:
-            from contentv_jax.models import load_vae as _load_vae
+            from contentv_jax.checkpoints import load_vae as _load_vae
 
             vae = _load_vae(model_dir / "vae")
         text = None

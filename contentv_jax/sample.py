@@ -113,7 +113,7 @@ def _write_outputs(result: np.ndarray, output_type: str, names: list[Path], npy_
     if output_type != "mp4":
         _save_npy(npy_path, result)
         return [npy_path]
-    from contentv_jax.video import write_video
+    from contentv_jax.data.video import write_video
 
     return [write_video(path, video, fps) for path, video in zip(names, result)]
 

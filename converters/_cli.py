@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMPONENTS = ("transformer", "vae")
+from converters import convert
+from converters.common import CheckpointError
 
 
 def main(direction: str, argv: list[str] | None = None) -> int:
-    """Parse ``--component/--src/--dst`` and call ``converters.<component>.<direction>(src, dst)``.
+    """Parse ``--component/--src/--dst`` and call ``converters.convert.<direction>(component, src, dst)``.
 
     Returns the process exit status: 0 on success, 1 on a conversion error (message on stderr,
     nothing written), 2 on bad arguments.
     """
-    from converters.common import CheckpointError
-
     what = "diffusers -> contentv-jax" if direction == "from_diffusers" else "contentv-jax -> diffusers"
     parser = argparse.ArgumentParser(prog=f"python -m converters.{direction}", description=f"Convert a checkpoint ({what}).")
-    parser.add_argument("--component", required=True, choices=COMPONENTS, help="which model the checkpoint holds")
+    parser.add_argument("--component", required=True, choices=convert.COMPONENTS, help="which model the checkpoint holds")
     parser.add_argument("--src", required=True, help="source directory")
     parser.add_argument("--dst", required=True, help="destination directory (written atomically)")
     if direction == "to_diffusers":
@@ -33,14 +31,7 @@ def main(direction: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("converters").setLevel(logging.INFO)
     try:
-        module = importlib.import_module(f"converters.{args.component}")
-    except ModuleNotFoundError as e:
-        if e.name != f"converters.{args.component}":
-            raise
-        print(f"error: no converter for component {args.component!r} (converters/{args.component}.py is missing)", file=sys.stderr)
-        return 1
-    try:
-        getattr(module, direction)(args.src, args.dst, **kwargs)
+        getattr(convert, direction)(args.component, args.src, args.dst, **kwargs)
     except (CheckpointError, FileNotFoundError, NotADirectoryError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

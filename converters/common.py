@@ -1,11 +1,10 @@
-"""Checkpoint I/O shared by the component converters: diffusers safetensors and our Orbax format.
+"""diffusers-format checkpoint I/O shared by the component converters: safetensors reading and writing.
 
 diffusers format (what ``ModelMixin.save_pretrained`` writes and ``from_pretrained`` reads):
 ``config.json`` plus ``<weights_name>.safetensors``, or shards ``<weights_name>-0000i-of-0000n.safetensors``
 with ``<weights_name>.safetensors.index.json`` (``{"metadata": {"total_size": ...}, "weight_map": {name: file}}``).
 
-Our format: a directory with our ``config.json`` (carrying ``"_format": "contentv-jax"``) and an Orbax
-checkpoint of the ``nnx.State`` under ``state/``.
+Our own format (Orbax + ``config.json``) is ``contentv_jax.checkpoints``'s alone.
 
 Every write goes to a temporary sibling directory which is then renamed onto the destination, so a
 failure never leaves a half-written destination behind.
@@ -27,9 +26,7 @@ import numpy as np
 from contentv_jax.atomic import commit_dir, tmp_sibling
 from safetensors import safe_open
 
-OUR_FORMAT = "contentv-jax"
 CONFIG_NAME = "config.json"
-STATE_DIR = "state"
 
 # safetensors dtype string <-> numpy dtype (bfloat16 and float8 through ml_dtypes).
 _ST_TO_NP: dict[str, np.dtype] = {
@@ -137,17 +134,6 @@ def is_diffusers_dir(path: str | os.PathLike) -> bool:
     )
 
 
-def is_our_checkpoint(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a contentv-jax checkpoint directory (our ``config.json`` plus ``state/``)."""
-    p = Path(path)
-    if not (p.is_dir() and (p / CONFIG_NAME).is_file() and (p / STATE_DIR).is_dir()):
-        return False
-    try:
-        return json.loads((p / CONFIG_NAME).read_text()).get("_format") == OUR_FORMAT
-    except (OSError, ValueError):
-        return False
-
-
 def open_diffusers_dir(path: str | os.PathLike) -> tuple[dict, Mapping[str, LazyTensor]]:
     """Open a diffusers-format model directory lazily.
 
@@ -239,11 +225,6 @@ def check_dtypes(found: Mapping[str, str], *, what: str, supported: tuple[str, .
         raise CheckpointError(f"{what}: {len(bad)} problem(s):\n  " + "\n  ".join(bad))
 
 
-# Kept under these names for callers (the trainer's multi-host export).
-_tmp_sibling = tmp_sibling
-_commit_dir = commit_dir
-
-
 def _safetensors_bytes(tensors: Mapping[str, np.ndarray]) -> tuple[bytes, list[tuple[str, np.ndarray]]]:
     """Build a safetensors header (names sorted, data in that order, 8-byte aligned header)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -290,7 +271,7 @@ def write_diffusers_dir(
       CheckpointError: a dtype safetensors cannot hold. ``dst`` is untouched on any error.
     """
     dst = Path(dst)
-    tmp = _tmp_sibling(dst)
+    tmp = tmp_sibling(dst)
     try:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         names = sorted(tensors)
@@ -314,68 +295,7 @@ def write_diffusers_dir(
                 weight_map.update({n: fname for n in shard})
             index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
             (tmp / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _commit_dir(tmp, dst)
+        commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def save_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
-    """Save an ``nnx.State`` (or any pytree of arrays) with Orbax plus ``config.json``, atomically.
-
-    Layout: ``dst/config.json`` (``config`` plus ``"_format": "contentv-jax"``) and ``dst/state/`` (Orbax).
-    """
-    import orbax.checkpoint as ocp
-
-    dst = Path(dst).absolute()
-    tmp = _tmp_sibling(dst)
-    try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / STATE_DIR, state)
-        ckptr.wait_until_finished()
-        ckptr.close()
-        cfg = dict(config)
-        cfg["_format"] = OUR_FORMAT
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        _commit_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_our_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` of our checkpoint, without the ``_format`` marker.
-
-    Raises:
-      CheckpointError: ``path`` is not one of our checkpoints.
-    """
-    p = Path(path)
-    if not is_our_checkpoint(p):
-        raise CheckpointError(f"{p}: not a contentv-jax checkpoint (config.json with _format={OUR_FORMAT!r} and state/)")
-    cfg = json.loads((p / CONFIG_NAME).read_text())
-    cfg.pop("_format", None)
-    return cfg
-
-
-def load_checkpoint(path: str | os.PathLike, abstract_state):
-    """Restore the state saved by :func:`save_checkpoint`.
-
-    Args:
-      path: our checkpoint directory.
-      abstract_state: the target structure (e.g. ``nnx.state(nnx.eval_shape(...))``) of
-        ``jax.ShapeDtypeStruct`` leaves; their dtypes and shardings are honoured.
-    Returns:
-      the restored state (same structure as ``abstract_state``); read the config with
-      :func:`read_our_config`.
-    Raises:
-      CheckpointError: ``path`` is not one of our checkpoints.
-    """
-    import orbax.checkpoint as ocp
-
-    read_our_config(path)
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        state = ckptr.restore(Path(path).absolute() / STATE_DIR, abstract_state)
-    finally:
-        ckptr.close()
-    return state

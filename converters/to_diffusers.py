@@ -1,7 +1,7 @@
 """Convert our checkpoint (Orbax + config.json) to a diffusers-format directory.
 
 Usage: ``python -m converters.to_diffusers --component transformer|vae --src DIR --dst DIR``.
-Dispatches to ``converters.<component>.to_diffusers(src, dst)``. Exits non-zero with the error message
+Dispatches to ``converters.convert.to_diffusers(component, src, dst)``. Exits non-zero with the error message
 (every offending tensor with expected vs found shape) and writes nothing on bad input.
 """
 

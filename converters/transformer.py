@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping
 
 import jax
@@ -228,40 +227,3 @@ def load_diffusers(src, *, dtype: str = "float32", **overrides):
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
-
-
-def from_diffusers(src: str | os.PathLike, dst: str | os.PathLike, **config_overrides) -> None:
-    """Convert a diffusers transformer directory (ContentV-8B or SD3.5 Large format) to our checkpoint.
-
-    Args:
-      src: config.json + safetensors (single or sharded).
-      dst: our checkpoint directory (written atomically; replaced if present).
-      config_overrides: our own TransformerConfig fields to store (``dtype``, ``remat_policy``, ...).
-    Raises:
-      CheckpointError: missing / unexpected / mis-shaped tensors (expected vs found shape), a config that
-        disagrees with the tensors, unsupported or mixed dtypes. Nothing is written then.
-    """
-    cfg, tensors = _read_diffusers(src)
-    cfg = cfg.replace(**config_overrides)
-    pure = diffusers_to_state(cfg, tensors)
-    graphdef, state = nnx.split(_abstract(cfg))
-    nnx.replace_by_pure_dict(state, pure)
-    common.save_checkpoint(dst, state, cfg.to_dict())
-    log.info("wrote %s: %d tensors (%s), %d layers, width %d", dst, len(tensors), cfg.param_dtype, cfg.num_layers, cfg.width)
-
-
-def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_size: int = 10 * 2**30) -> None:
-    """Convert our checkpoint to a diffusers directory ContentV's ``SD3Transformer3DModel`` loads.
-
-    Tensors are written in the dtype they are stored in; shards plus an index above ``max_shard_size`` bytes.
-    Raises:
-      CheckpointError: ``src`` is not our checkpoint.
-    """
-    from contentv_jax.models.transformer import TransformerConfig
-
-    cfg = TransformerConfig.from_dict(common.read_our_config(src))
-    graphdef, abstract_state = nnx.split(_abstract(cfg))
-    state = common.load_checkpoint(src, abstract_state)
-    tensors = state_to_diffusers(cfg, nnx.to_pure_dict(state))
-    common.write_diffusers_dir(dst, cfg.to_diffusers_config(), tensors, max_shard_size=max_shard_size)
-    log.info("wrote %s: %d tensors (%s)", dst, len(tensors), cfg.param_dtype)

@@ -7,13 +7,13 @@ Conv2d ``(out, in, kh, kw)`` <-> ``(kh, kw, in, out)``; RMS-norm ``gamma`` ``(C,
 in attention blocks) <-> ``(C,)``. Transposes and reshapes only, so tensors keep their dtype and
 the round trip diffusers -> ours -> diffusers is byte-identical.
 
-CLI: ``python -m converters.from_diffusers --component vae --src DIR --dst DIR`` and
-``python -m converters.to_diffusers --component vae --src DIR --dst DIR``.
+The conversions to and from our checkpoint format are ``converters.convert`` (CLI:
+``python -m converters.from_diffusers --component vae --src DIR --dst DIR`` and
+``python -m converters.to_diffusers --component vae --src DIR --dst DIR``).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -118,68 +118,3 @@ def _tree_asarray(tree):
     import jax.numpy as jnp
 
     return jax.tree.map(jnp.asarray, tree)
-
-
-def from_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Convert a diffusers ``AutoencoderKLWan`` directory to our checkpoint (Orbax + config.json).
-
-    Tensors keep their dtype. The diffusers config dict is stored whole (so :func:`to_diffusers`
-    restores it). Nothing is written unless every tensor maps.
-
-    Raises:
-      converters.common.CheckpointError: missing / unexpected / mis-shaped tensors (each named) or a
-        malformed directory.
-      ValueError: a config that is not the Wan2.1 VAE.
-    """
-    from flax import nnx
-
-    from contentv_jax.models.vae import VAEConfig, abstract_vae
-
-    config_dict, tensors = common.open_diffusers_dir(src)
-    config = VAEConfig.from_diffusers(config_dict)
-    pure = _pure_state(config, tensors, what=str(src))
-    state = nnx.state(abstract_vae(config), nnx.Param)
-    nnx.replace_by_pure_dict(state, pure)
-    common.save_checkpoint(dst, state, config_dict)
-
-
-def to_diffusers(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Convert our VAE checkpoint back to a diffusers directory (config.json + safetensors).
-
-    Raises:
-      converters.common.CheckpointError: ``src`` is not our checkpoint.
-      ValueError: its config is not the Wan2.1 VAE.
-    """
-    import jax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    from contentv_jax.models.vae import VAEConfig, abstract_vae
-
-    config_dict = common.read_our_config(src)
-    config = VAEConfig.from_diffusers(config_dict)
-    # Restore in the stored dtypes (from Orbax metadata) so that bytes are kept as written.
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(src), common.STATE_DIR))
-    meta_tree = getattr(meta, "item_metadata", meta)
-    stored = {}
-    for keypath, m in jax.tree.leaves_with_path(meta_tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
-        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
-        stored[keys[:-1] if keys[-1] == "value" else keys] = m
-    abstract = nnx.state(abstract_vae(config), nnx.Param)
-    for path, var in nnx.to_flat_state(abstract):
-        m = stored.get(tuple(str(p) for p in path))
-        if m is None or tuple(m.shape) != tuple(var.get_value().shape):
-            raise common.CheckpointError(
-                f"{src}: parameter {_torch_name(path)} ({'.'.join(map(str, path))}): expected shape "
-                f"{tuple(var.get_value().shape)}, found {None if m is None else tuple(m.shape)}"
-            )
-        var.set_value(jax.ShapeDtypeStruct(tuple(m.shape), m.dtype))
-    state = common.load_checkpoint(src, abstract)
-    names = name_map(config)
-    flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
-    tensors = {}
-    for name, (path, _) in names.items():
-        var = flat[path]
-        arr = np.asarray(var.get_value() if hasattr(var, "get_value") else var)
-        tensors[name] = to_torch(path, arr)
-    common.write_diffusers_dir(dst, config_dict, tensors, weights_name=WEIGHTS_NAME)

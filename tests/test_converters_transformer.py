@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from contentv_jax.checkpoints import is_our_checkpoint
 from converters import common
 from converters._cli import main as cli_main
 from tests import transformer_ref as ref
@@ -43,7 +44,7 @@ def test_round_trip_cli_subprocess(dirs, tmp_path):
     src = dirs["float32"]
     r = ref.run_cli("from_diffusers", "--component", "transformer", "--src", str(src), "--dst", str(tmp_path / "ours"))
     assert r.returncode == 0, r.stderr
-    assert common.is_our_checkpoint(tmp_path / "ours") and not common.is_diffusers_dir(tmp_path / "ours")
+    assert is_our_checkpoint(tmp_path / "ours") and not common.is_diffusers_dir(tmp_path / "ours")
     r = ref.run_cli("to_diffusers", "--component", "transformer", "--src", str(tmp_path / "ours"), "--dst", str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr
     _assert_identical(_tensors(src)[1], _tensors(tmp_path / "back")[1])

@@ -19,7 +19,9 @@ diffusers = pytest.importorskip("diffusers")
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from contentv_jax.models.vae import get_config, load_vae  # noqa: E402
+from contentv_jax.checkpoints import load_vae  # noqa: E402
+from contentv_jax.models.vae import get_config  # noqa: E402
+from converters import convert  # noqa: E402
 from converters import vae as conv  # noqa: E402
 from converters._cli import main as cli_main  # noqa: E402
 from converters.common import CheckpointError  # noqa: E402
@@ -64,7 +66,7 @@ def test_round_trip_byte_identical(tiny_dirs, tmp_path, dtype):
 
 def test_load_vae_both_formats_agree_with_torch_layout(tiny_dirs, tmp_path):
     src = tiny_dirs / "f32"
-    conv.from_diffusers(src, tmp_path / "ours")
+    convert.from_diffusers("vae", src, tmp_path / "ours")
     a = load_vae(src)
     b = load_vae(tmp_path / "ours")
     sa, sb = nnx.state(a, nnx.Param), nnx.state(b, nnx.Param)
@@ -104,7 +106,7 @@ def test_mis_shaped_checkpoint_fails_naming_the_tensor(tiny_dirs, tmp_path, caps
     expected = conv.expected_shapes(get_config("tiny"))[name]
     found = (expected[0], expected[1] - 1, *expected[2:])
     with pytest.raises(CheckpointError, match=rf"{name}.*{expected[0]}, {expected[1]}.*{found[0]}, {found[1]}"):
-        conv.from_diffusers(bad, tmp_path / "out")
+        convert.from_diffusers("vae", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     rc = cli_main("from_diffusers", ["--component", "vae", "--src", str(bad), "--dst", str(tmp_path / "out")])
     assert rc == 1 and name in capsys.readouterr().err
@@ -123,7 +125,7 @@ def test_missing_and_unexpected_tensors_fail(tiny_dirs, tmp_path):
 
     _corrupt(tiny_dirs / "f32", bad, edit)
     with pytest.raises(CheckpointError) as info:
-        conv.from_diffusers(bad, tmp_path / "out")
+        convert.from_diffusers("vae", bad, tmp_path / "out")
     msg = str(info.value)
     assert f"missing tensor {gone}" in msg and "unexpected tensor encoder.extra.weight" in msg
     assert not (tmp_path / "out").exists()
@@ -137,5 +139,5 @@ def test_wan22_config_rejected(tiny_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     (bad / WEIGHTS).write_bytes((tiny_dirs / "f32" / WEIGHTS).read_bytes())
     with pytest.raises(ValueError, match="Wan2.1"):
-        conv.from_diffusers(bad, tmp_path / "out")
+        convert.from_diffusers("vae", bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()

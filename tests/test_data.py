@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from contentv_jax import video
-from contentv_jax.encode import encode_dataset
+from contentv_jax.data import video
+from contentv_jax.data.encode import encode_dataset
 from contentv_jax.text import TextEncoders, build_tiny_text_encoders
-from contentv_jax.train import buckets as bk
-from contentv_jax.train.data import TrainBatches
-from contentv_jax.train.synthetic import COLORS, make_synthetic_dataset
+from contentv_jax.data import buckets as bk
+from contentv_jax.data.loader import TrainBatches
+from contentv_jax.data.synthetic import COLORS, make_synthetic_dataset
 
 from _standins import PoolingVAE  # noqa: E402
 
@@ -212,7 +212,7 @@ def test_host_sharding(records):
 def test_sharded_encode_reads_as_one(records, tmp_path):
     """Two encode jobs (shards) into one directory: the merged index covers the same clips, and the
     pipeline reads the shards' files as one sequence."""
-    from contentv_jax.encode import decode_record, read_index
+    from contentv_jax.data.encode import decode_record, read_index
 
     text = TextEncoders.from_pretrained(records.parent / "te")
     data = records.parent / "data"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from contentv_jax import encode as enc
-from contentv_jax import video
+from contentv_jax.data import encode as enc
+from contentv_jax.data import video
 from contentv_jax.text import TextEncoders, build_tiny_text_encoders
-from contentv_jax.train.buckets import Bucket
+from contentv_jax.data.buckets import Bucket
 
 from _standins import PoolingVAE  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 
@@ -59,11 +59,11 @@ def encoded(tmp_path_factory, shared_data, text):
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("contentv_jax.encode").addHandler(handler)
+    logging.getLogger("contentv_jax.data.encode").addHandler(handler)
     try:
         stats = enc.encode_dataset(data, out, PoolingVAE(), text, max_sequence_length=16, progress=False, **SHAPE)
     finally:
-        logging.getLogger("contentv_jax.encode").removeHandler(handler)
+        logging.getLogger("contentv_jax.data.encode").removeHandler(handler)
     stats.warnings = warnings
     return data, out, stats, captions
 
@@ -173,7 +173,7 @@ def test_cli(tmp_path, shared_data, text, monkeypatch):
 def test_image_stage_batching_and_reencode(tmp_path, text):
     """max_frames=1 (VAE adaptation): video frames become T=1 records; vae_batch_size does not change
     records; re-encoding a directory replaces it."""
-    from contentv_jax.train.synthetic import make_synthetic_dataset
+    from contentv_jax.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "data", num_videos=2, num_frames=24, fps=8, sizes=((64, 64),))
     kw = dict(max_height=64, max_width=64, max_sequence_length=8, progress=False)

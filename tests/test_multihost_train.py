@@ -40,7 +40,7 @@ def _tiny_vae_checkpoint(dst: Path) -> Path:
     from flax import nnx
 
     from contentv_jax.models.vae import abstract_vae, get_config
-    from converters.common import save_checkpoint
+    from contentv_jax.checkpoints import save_checkpoint
 
     config = get_config("tiny")
     state = nnx.state(abstract_vae(config), nnx.Param)

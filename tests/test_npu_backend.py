@@ -478,7 +478,7 @@ def exported_tiny_model(tmp_path_factory):
     from flax import nnx
 
     from contentv_jax.models.transformer import get_config, init_model
-    from converters.common import save_checkpoint
+    from contentv_jax.checkpoints import save_checkpoint
 
     cfg = get_config("tiny")
     model = init_model(cfg, seed=0)

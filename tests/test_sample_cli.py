@@ -60,7 +60,7 @@ def test_bad_input_is_refused_before_any_compute(fake_dir, tmp_path, capsys):
 
 
 def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
-    from contentv_jax.models import load_transformer
+    from contentv_jax.checkpoints import load_transformer
     from contentv_jax.text import TextEncoders
 
     out = tmp_path / "latents.npy"
@@ -86,7 +86,7 @@ def test_cli_equals_the_pipeline_composed_by_hand(model_dir, tmp_path):
 
 @pytest.mark.skipif(not HAVE_VAE, reason="the JAX VAE has not landed")
 def test_prompts_file_writes_vbench_named_playable_mp4s(model_dir, shared_data, tmp_path):
-    from contentv_jax.video import probe_video, read_video
+    from contentv_jax.data.video import probe_video, read_video
 
     scene = shared_data / "prompts/vbench/prompts/prompts_per_dimension/scene.txt"
     prompts = [line.strip() for line in scene.read_text().splitlines() if line.strip()][:5]

@@ -26,7 +26,7 @@ def _cosine(a, b):
 
 
 def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
-    from contentv_jax.encode import decode_record, read_index
+    from contentv_jax.data.encode import decode_record, read_index
     from contentv_jax.train.config import load_train_config
     from contentv_jax.train.trainer import Trainer
 

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from contentv_jax.models.attention import joint_attention, joint_attention_local
 from contentv_jax.sharding import distributed
-from contentv_jax.sharding.init import bytes_per_device, create_sharded, load_sharded
+from contentv_jax.checkpoints import load_sharded
+from contentv_jax.sharding.init import bytes_per_device, create_sharded
 from contentv_jax.sharding.logical import DEFAULT_RULES, activation_sharding, spec_for
 from contentv_jax.sharding.mesh import MeshConfig, create_mesh
 

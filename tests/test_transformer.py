@@ -18,9 +18,9 @@ from contentv_jax.models.transformer import (
     JointTransformerBlock,
     TransformerConfig,
     get_config,
-    load_transformer,
     sincos_pos_embed_3d,
 )
+from contentv_jax.checkpoints import load_transformer
 from converters import transformer as conv
 from tests import transformer_ref as ref
 

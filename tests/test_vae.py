@@ -25,7 +25,8 @@ diffusers = pytest.importorskip("diffusers")
 from flax import nnx  # noqa: E402
 
 from contentv_jax.models import vae as vae_mod  # noqa: E402
-from contentv_jax.models.vae import DiagonalGaussian, VAEConfig, WanVAE, get_config, load_vae  # noqa: E402
+from contentv_jax.checkpoints import load_vae  # noqa: E402
+from contentv_jax.models.vae import DiagonalGaussian, VAEConfig, WanVAE, get_config  # noqa: E402
 from converters._cli import main as cli_main  # noqa: E402
 
 RTOL_MAX = 1e-4  # |ours - ref| <= RTOL_MAX * max |ref|

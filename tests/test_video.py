@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from contentv_jax import video
+from contentv_jax.data import video
 
 
 def _pattern(t=9, h=32, w=48):

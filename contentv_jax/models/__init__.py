@@ -1,8 +1,9 @@
 """Models: the 3D MM-DiT and the Wan2.1 VAE (channels-last, Flax NNX).
 
 Public names are imported lazily so that ``import contentv_jax.models`` stays cheap:
-``MMDiT``, ``TransformerConfig``, ``load_transformer`` (``transformer.py``) and
-``WanVAE``, ``VAEConfig``, ``load_vae`` (``vae.py``).
+``MMDiT``, ``TransformerConfig`` (``transformer.py``) and ``WanVAE``, ``VAEConfig`` (``vae.py``).
+Loading weights is ``contentv_jax.checkpoints`` (``load_transformer``, ``load_vae``; also exported
+from ``contentv_jax``): this package imports neither it nor ``converters``.
 """
 
 import importlib
@@ -10,10 +11,8 @@ import importlib
 _LAZY = {
     "MMDiT": "transformer",
     "TransformerConfig": "transformer",
-    "load_transformer": "transformer",
     "WanVAE": "vae",
     "VAEConfig": "vae",
-    "load_vae": "vae",
 }
 
 __all__ = sorted(_LAZY)

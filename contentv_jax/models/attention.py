@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contentv_jax.sharding import logical, ulysses
+from contentv_jax.sharding.ulysses import pad_axis
+
 KERNELS = ("xla", "cudnn", "splash", "chunked")
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -71,15 +74,6 @@ def dot_product_attention(
     if kernel == "splash":
         return splash_attention(q, k, v, kv_length=kv_length)
     raise ValueError(f"attention kernel {kernel!r} is not one of {KERNELS}")
-
-
-def pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
-    """Zero-pad ``x`` along ``axis`` up to length ``to`` (no-op when already that long)."""
-    if x.shape[axis] == to:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, to - x.shape[axis])
-    return jnp.pad(x, pad)
 
 
 def _scores(qb, kb, ok):
@@ -275,8 +269,6 @@ def joint_attention(
         raise ValueError(f"joint_attention: image {q_img.shape} and text {q_txt.shape} differ in batch/heads/head_dim")
     if img_valid is not None and not 0 < img_valid <= q_img.shape[1]:
         raise ValueError(f"joint_attention: img_valid must be in [1, {q_img.shape[1]}], got {img_valid}")
-
-    from contentv_jax.sharding import logical, ulysses
 
     ctx = logical.active()
     if ctx is not None and ctx[0].shape.get("sequence", 1) > 1:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from functools import partial
 from pathlib import Path
 
@@ -554,44 +553,3 @@ def init_model(cfg: TransformerConfig, seed: int = 0) -> MMDiT:
     """A randomly initialised model (built without a mesh, in one compiled computation)."""
     with nnx.use_eager_sharding(False):
         return nnx.jit(lambda: MMDiT(cfg, rngs=nnx.Rngs(seed)))()
-
-
-def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, **overrides) -> MMDiT:
-    """Load :class:`MMDiT` from a diffusers-format directory or from our converted checkpoint.
-
-    Args:
-      path: a diffusers transformer directory (config.json + safetensors, possibly sharded; SD3.5 Large's
-        2D ``pos_embed.pos_embed`` table is dropped with a logged note) or our checkpoint
-        (``converters.transformer.from_diffusers`` output).
-      dtype: compute dtype name (default: the checkpoint's config, or float32 for diffusers dirs).
-      param_dtype: parameters are cast to this dtype (default: as stored).
-      overrides: other :class:`TransformerConfig` fields (``remat_policy``, ``attention_kernel``).
-    Raises:
-      converters.common.CheckpointError: the checkpoint does not match its config.
-      FileNotFoundError: ``path`` is neither format.
-    """
-    from converters import common
-    from converters import transformer as conv
-
-    if common.is_our_checkpoint(path):
-        cfg = TransformerConfig.from_dict(common.read_our_config(path))
-        cfg = cfg.replace(**overrides, **({"dtype": dtype} if dtype else {}))
-        abstract = abstract_model(cfg)
-        graphdef, abstract_state = nnx.split(abstract)
-        state = common.load_checkpoint(path, abstract_state)
-        model = nnx.merge(graphdef, state)
-    elif common.is_diffusers_dir(path):
-        model = conv.load_diffusers(path, dtype=dtype or "float32", **overrides)
-    else:
-        raise FileNotFoundError(f"{path}: neither a diffusers transformer directory nor a contentv-jax checkpoint")
-    if param_dtype is not None and param_dtype != model.cfg.param_dtype:
-        target = DTYPES[param_dtype]
-        graphdef, state = nnx.split(model)
-        state = jax.tree.map(lambda a: a.astype(target), state)
-        model = nnx.merge(graphdef, state)
-        _set_cfg(model, model.cfg.replace(param_dtype=param_dtype))
-    return model
-
-
-def _set_cfg(model: MMDiT, cfg: TransformerConfig) -> None:
-    model.cfg = cfg

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,7 +44,6 @@ __all__ = [
     "WanVAE",
     "DiagonalGaussian",
     "get_config",
-    "load_vae",
 ]
 
 # Pixel values with |x| above this (on a [-1, 1] scale) trigger one warning per call.
@@ -663,7 +660,7 @@ class WanVAE(nnx.Module):
 
     Args:
       config: a :class:`VAEConfig` (``get_config('wan2.1')`` for the real model).
-      rngs: parameter initialisation (random init; real weights come from :func:`load_vae`).
+      rngs: parameter initialisation (random init; real weights come from ``contentv_jax.checkpoints.load_vae``).
       param_dtype: parameter dtype (float32 default). Compute runs in the input's dtype.
     """
 
@@ -839,41 +836,3 @@ def abstract_vae(config: VAEConfig, param_dtype=jnp.float32) -> WanVAE:
     """A :class:`WanVAE` whose parameters are ``jax.ShapeDtypeStruct`` s (no memory, no compute)."""
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: WanVAE(config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
-
-
-def load_vae(path: str | os.PathLike, *, dtype=jnp.float32) -> WanVAE:
-    """Load a :class:`WanVAE` from a diffusers-format VAE directory or our (Orbax) checkpoint.
-
-    Args:
-      path: a directory with ``config.json`` and ``diffusion_pytorch_model*.safetensors`` (diffusers
-        ``AutoencoderKLWan.save_pretrained``), or a checkpoint written by
-        ``python -m converters.from_diffusers --component vae``.
-      dtype: parameter dtype of the returned model.
-    Raises:
-      FileNotFoundError: ``path`` is not a directory.
-      ValueError: neither format, or tensors missing / unexpected / mis-shaped
-        (``converters.common.CheckpointError`` names each).
-    """
-    from converters import common
-    from converters import vae as vae_conv
-
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_vae: {path!r} is not a directory")
-    if common.is_our_checkpoint(path):
-        with open(os.path.join(path, "config.json")) as f:
-            cfg_dict = json.load(f)
-        config = VAEConfig.from_diffusers(cfg_dict)
-        abstract = abstract_vae(config, dtype)
-        graphdef, abs_state = nnx.split(abstract)
-        state = common.load_checkpoint(path, abs_state)
-        state = jax.tree.map(lambda a: jnp.asarray(a, dtype), state)
-        return nnx.merge(graphdef, state)
-    if common.is_diffusers_dir(path):
-        cfg_dict, tensors = common.open_diffusers_dir(path)
-        config = VAEConfig.from_diffusers(cfg_dict)
-        return vae_conv.model_from_tensors(config, tensors, dtype=dtype)
-    raise ValueError(
-        f"load_vae: {path!r} is neither a diffusers VAE directory (config.json + diffusion_pytorch_model*.safetensors) "
-        "nor a contentv-jax checkpoint"
-    )

@@ -143,3 +143,29 @@ def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec, *, global_batch_si
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(one, local)
+
+
+def run_on_main_then_all(name: str, fn) -> None:
+    """Run ``fn`` on the main process (pass ``None`` elsewhere) while the others wait, then continue together.
+
+    With several processes, process 0's outcome is broadcast: if ``fn`` raised, it re-raises there and
+    every other process raises ``RuntimeError`` naming the stage ``name`` instead of waiting forever at a
+    barrier. With one process this is just ``fn()``.
+    """
+    if jax.process_count() == 1:
+        if fn is not None:
+            fn()
+        return
+    from jax.experimental import multihost_utils
+
+    error = None
+    if fn is not None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+            error = e
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is not None:
+        raise error
+    if int(failed):
+        raise RuntimeError(f"process 0 failed in the {name} stage (see its log); stopping this process too")

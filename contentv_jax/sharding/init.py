@@ -3,15 +3,13 @@
 ``nnx.eval_shape`` builds the model abstractly (shapes, dtypes and the parameters' logical
 ``out_sharding`` names, no memory); the logical rules turn the names into ``NamedSharding``s on the
 mesh; then either a jitted initialiser with those ``out_shardings`` writes each device's shard in
-place, or Orbax restores our checkpoint straight into them (each process reads only the slices its
-devices hold). This is the flax NNX "sharded init" recipe with logical axis rules.
+place, or ``contentv_jax.checkpoints.load_sharded`` restores our checkpoint straight into them (each
+process reads only the slices its devices hold). This is the flax NNX "sharded init" recipe with logical axis rules.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,8 +17,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, spec_for
-
-STATE_DIR = "state"  # our checkpoint layout: <dir>/config.json + <dir>/state/ (Orbax), see docs/design.md
 
 
 def _is_var(x) -> bool:
@@ -74,35 +70,6 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Logical
         return jax.lax.with_sharding_constraint(state, shardings)
 
     return nnx.merge(graphdef, init())
-
-
-def load_sharded(
-    path: str | os.PathLike, factory: Callable[[], nnx.Module], mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
-) -> nnx.Module:
-    """Restore our Orbax checkpoint of ``factory()``'s state directly into its shardings on ``mesh``.
-
-    Args:
-      path: our checkpoint directory (``config.json`` + ``state/``), or an Orbax directory of the
-        ``nnx.State`` itself.
-      factory: builds the module the checkpoint was saved from (only traced, via ``nnx.eval_shape``).
-    Returns:
-      the module with each array restored into its :func:`state_shardings` sharding; every process
-      reads only the slices its own devices hold.
-    Raises:
-      FileNotFoundError: ``path`` does not exist.
-      ValueError (from Orbax): the checkpoint's tree or shapes do not match ``factory()``'s.
-    """
-    import orbax.checkpoint as ocp
-
-    p = Path(path).absolute()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if (p / STATE_DIR).is_dir():
-        p = p / STATE_DIR
-    graphdef, target, _ = abstract_sharded(factory, mesh, rules)
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(p, target)
-    return nnx.merge(graphdef, state)
 
 
 def bytes_per_device(tree: Any) -> dict:

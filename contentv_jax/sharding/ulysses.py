@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, active, spec_for
@@ -24,10 +25,16 @@ from contentv_jax.sharding.logical import DEFAULT_RULES, LogicalRules, active, s
 AXIS = "sequence"
 
 
-def _pad(x: jax.Array, axis: int, to: int) -> jax.Array:
-    from contentv_jax.models.attention import pad_axis  # attention.py imports this module lazily
+def pad_axis(x: jax.Array, axis: int, to: int) -> jax.Array:
+    """Zero-pad ``x`` along ``axis`` up to length ``to`` (no-op when already that long)."""
+    if x.shape[axis] == to:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, to - x.shape[axis])
+    return jnp.pad(x, pad)
 
-    return pad_axis(x, axis, to)
+
+_pad = pad_axis
 
 
 def batch_axes(mesh: Mesh, rules: LogicalRules, batch: int) -> tuple[str, ...]:

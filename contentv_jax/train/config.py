@@ -83,7 +83,7 @@ class BucketSection:
     ``max_frames`` x ``max_height`` x ``max_width``: the stage's largest clip in pixels (frames 4k+1;
     height and width multiples of 16); the seven aspect ratios 16:9 3:2 4:3 1:1 3:4 2:3 9:16 keep this
     area; durations are whole seconds at ``data.fps`` up to ``max_frames``
-    (``contentv_jax.train.buckets.make_buckets``).
+    (``contentv_jax.data.buckets.make_buckets``).
     ``batch_video`` / ``batch_image``: total (global) batch at the largest video / image bucket (smaller
     buckets scale it up to keep tokens per step about constant).
     ``videos`` / ``images``: which kinds of bucket train; ``image_fraction``: share of steps that draw an

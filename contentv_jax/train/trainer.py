@@ -14,9 +14,10 @@ sequence shard sees the same draws and a resumed run repeats them exactly.
 
 Multi-host (``--coordinator/--num-processes/--process-id``): every process plans the same global batch
 per step and loads only the rows its devices hold (:meth:`Trainer.host_rows`), so the losses do not
-depend on the process count. Process 0 alone builds the tiny encoders and VAE, encodes the data,
-writes the config, logs, summary and exported config; the others wait at the same points (a failure
-on process 0 stops them). Checkpoints are written by all processes through Orbax.
+depend on the process count. Process 0 alone builds the tiny encoders and VAE, encodes the data
+(``contentv_jax.data.prepare``), writes the config, logs, summary and exported config; the others wait
+at the same points (``sharding.distributed.run_on_main_then_all``: a failure on process 0 stops them).
+Checkpoints are written by all processes through Orbax.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import math
 import os
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import jax
@@ -36,8 +36,10 @@ import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from contentv_jax import checkpoints
 from contentv_jax.config import ConfigError, to_dict
-from contentv_jax.encode import read_index
+from contentv_jax.data.prepare import cache_dir as data_cache_dir
+from contentv_jax.data.prepare import prepare as prepare_data
 from contentv_jax.scheduler import sample_training_sigmas
 from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice
 from contentv_jax.sharding.logical import activation_sharding
@@ -56,13 +58,6 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _cfg_get(config, *names, default=None):
-    for n in names:
-        if hasattr(config, n):
-            return getattr(config, n)
-    return default
 
 
 def latent_tokens(latents_shape) -> int:
@@ -189,7 +184,7 @@ class Trainer:
         if cfg.data.dir and not (Path(cfg.data.dir) / "captions.jsonl").is_file():
             raise ConfigError(f"config key 'data.dir': {cfg.data.dir!r} has no captions.jsonl (video files + captions.jsonl expected)")
         self.model_config, self.model_source = self._model_config()
-        self.cache_dir = Path(cfg.data.cache_dir).absolute() if cfg.data.cache_dir else self.run_dir / "encoded"
+        self.cache_dir = data_cache_dir(cfg)
         self.encode_stats: dict = {}
 
     # -- assets
@@ -200,148 +195,25 @@ class Trainer:
 
     def _model_config(self):
         """The TransformerConfig to train: named (random init) or the checkpoint's, with our dtype and remat."""
-        from converters import common
-        from contentv_jax.models import transformer as T
-
-        cfg = self.cfg.model
-        ov = {"dtype": cfg.dtype, "param_dtype": "float32"}
-        if cfg.remat_policy:
-            if cfg.remat_policy not in T.REMAT_POLICIES:
-                raise ConfigError(
-                    f"config key 'model.remat_policy': {cfg.remat_policy!r} is not one of {sorted(T.REMAT_POLICIES)}"
-                )
-            ov["remat_policy"] = cfg.remat_policy
-        if cfg.latent_channels:
-            ov["in_channels"] = ov["out_channels"] = cfg.latent_channels
-        if cfg.init == "random":
-            try:
-                return T.get_config(cfg.name, **ov), "random"
-            except KeyError:
-                raise ConfigError(f"config key 'model.name': unknown transformer {cfg.name!r}; known: {sorted(T.CONFIGS)}") from None
-        path = Path(cfg.init)
-        if common.is_our_checkpoint(path):
-            return T.TransformerConfig.from_dict(common.read_our_config(path)).replace(**ov), "ours"
-        if common.is_diffusers_dir(path):
-            raw = json.loads((path / "config.json").read_text())
-            return T.TransformerConfig.from_diffusers_config(raw, **ov), "diffusers"
-        raise ConfigError(
-            f"config key 'model.init': {cfg.init!r} is neither 'random' nor a transformer checkpoint "
-            "(a diffusers directory or a contentv-jax checkpoint)"
-        )
+        return checkpoints.transformer_config(self.cfg.model)
 
     def _build_model(self, mc, source):
         """The model with its parameters in their shardings on the mesh (float32 master weights)."""
         from contentv_jax.models import transformer as T
-        from contentv_jax.sharding.init import create_sharded, load_sharded, state_shardings
+        from contentv_jax.sharding.init import create_sharded, state_shardings
 
         seed = self.cfg.seed
         if source == "random":
             return create_sharded(lambda: T.MMDiT(mc, rngs=nnx.Rngs(seed)), self.mesh)
         if source == "ours":
-            return load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
-        model = T.load_transformer(
+            return checkpoints.load_sharded(self.cfg.model.init, lambda: T.MMDiT(mc, rngs=nnx.Rngs(0)), self.mesh)
+        model = checkpoints.load_transformer(
             self.cfg.model.init, dtype=mc.dtype, param_dtype="float32", remat_policy=mc.remat_policy
         )
         graphdef, state = nnx.split(model)
         sh = state_shardings(state, self.mesh)
         state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, sh)
         return nnx.merge(graphdef, state)
-
-    def _text_encoders(self, model_config):
-        """``text.path`` loaded, or tiny random encoders sized for the model, saved to
-        ``<run_dir>/assets/text`` and reloaded. Called on the main process only (the encode stage)."""
-        from contentv_jax.text import TextEncoders, build_tiny_text_encoders
-
-        t = self.cfg.text
-        if t.path:
-            text = TextEncoders.from_pretrained(t.path)
-        else:
-            # tiny encoders sized for the model: context width = joint_attention_dim, pooled = 2 CLIPs
-            pool = model_config.pooled_projection_dim
-            clip = (pool // 2, pool - pool // 2)
-            dst = self.run_dir / "assets" / "text"
-            if not dst.exists():
-                build_tiny_text_encoders(dst, clip_dims=clip, t5_dim=model_config.joint_attention_dim, seed=self.cfg.seed)
-            text = TextEncoders.from_pretrained(dst)
-        for key, got, want in (
-            ("text.path", text.context_dim, model_config.joint_attention_dim),
-            ("text.path", text.pooled_dim, model_config.pooled_projection_dim),
-        ):
-            if got != want:
-                raise ConfigError(
-                    f"config key {key!r}: the text encoders give width {got}, the transformer expects {want}"
-                )
-        return text
-
-    def _vae(self):
-        """``vae.path`` loaded, or a tiny random VAE saved to ``<run_dir>/assets/vae`` (our checkpoint
-        format, as ``converters.from_diffusers --component vae`` writes) and reloaded with ``load_vae``.
-        Called on the main process only (the encode stage)."""
-        from converters.common import save_checkpoint
-        from contentv_jax.models.vae import WanVAE, get_config, load_vae
-
-        v = self.cfg.vae
-        if v.path:
-            return load_vae(v.path)
-        dst = self.run_dir / "assets" / "vae"
-        if not dst.exists():
-            try:
-                vcfg = get_config(v.name)
-            except ValueError as e:
-                raise ConfigError(f"config key 'vae.name': {e}") from None
-            vae = WanVAE(vcfg, rngs=nnx.Rngs(self.cfg.seed + 1))
-            save_checkpoint(dst, nnx.state(vae, nnx.Param), vcfg.to_diffusers())
-        return load_vae(dst)
-
-    def _data(self):
-        """Render the synthetic dataset (no ``data.dir``), then encode once into the cache (its
-        ``index.json`` is written last, so a present index means a complete encode).
-
-        Only the main process builds the tiny encoders and VAE, renders and encodes while the others
-        wait; then every process reads the finished index (the cache must be on a file system all
-        hosts share). A failure on the main process stops every process."""
-        from contentv_jax.encode import encode_dataset, read_index
-        from contentv_jax.train.synthetic import make_synthetic_dataset
-
-        d, b = self.cfg.data, self.cfg.buckets
-        cache = self.cache_dir
-        want = {"fps": d.fps, "max_shape": [b.max_frames, b.max_height, b.max_width], "max_sequence_length": self.cfg.text.max_length}
-        data_dir = Path(d.dir) if d.dir else self.run_dir / "data"
-
-        def encode():
-            have = None
-            if (cache / "index.json").exists():
-                index = read_index(cache)
-                have = {"fps": index["fps"], "max_shape": index["max_shape"],
-                        "max_sequence_length": index["text"]["max_sequence_length"]}
-                if have != want:
-                    warnings.warn(f"encoded cache {cache} was made with {have}, this run needs {want}: re-encoding")
-            if have != want:
-                text, vae = self._text_encoders(self.model_config), self._vae()
-                z_dim = _cfg_get(vae.config, "z_dim", "latent_channels")
-                if z_dim is not None and z_dim != self.model_config.in_channels:
-                    raise ConfigError(
-                        f"config key 'model.latent_channels': the VAE's {z_dim} latent channels do not match the "
-                        f"transformer's in_channels={self.model_config.in_channels}"
-                    )
-                if not d.dir and not (data_dir / "captions.jsonl").exists():
-                    # one frame size (the max shape): one bucket, one compile
-                    make_synthetic_dataset(
-                        data_dir, num_videos=d.num_synthetic, seed=self.cfg.seed, num_frames=d.synthetic_frames,
-                        fps=d.fps, sizes=((b.max_height, b.max_width),),
-                    )
-                encode_dataset(
-                    data_dir, cache, vae, text, fps=d.fps, max_frames=b.max_frames, max_height=b.max_height,
-                    max_width=b.max_width, max_sequence_length=self.cfg.text.max_length, seed=self.cfg.seed,
-                    progress=self.cfg.logging.progress_bar,
-                )
-
-        _on_main_then_all("encode", encode if self.main else None)
-        index = read_index(cache)
-        self.encode_stats = index["stats"]
-        if not index["stats"]["records"]:
-            raise ValueError(f"no usable clips in {data_dir}: every file was skipped ({index['stats']['skipped']})")
-        return cache
 
     # -- state
     def _init_state(self, model_config, source, tx):
@@ -389,22 +261,16 @@ class Trainer:
         return local_batch_slice(global_batch_size, self.mesh, self.BATCH_SPEC)
 
     def prepare(self):
-        """Write the resolved config; unless the encoded cache is complete and matches: build or load the
-        text encoders and VAE, render the synthetic dataset (no ``data.dir``) and encode. Returns ``(model_config, source, encoded_dir)``."""
-        cfg = self.cfg
+        """Write the resolved config; then ``contentv_jax.data.prepare``: unless the encoded cache is complete
+        and matches, build or load the text encoders and VAE, render the synthetic dataset (no
+        ``data.dir``) and encode. Returns ``(model_config, source, encoded_dir)``."""
         self._write_config()
-        model_config, source = self.model_config, self.model_source
-        encoded = self._data()
-        channels = read_index(encoded)["latent_channels"]
-        if channels != model_config.in_channels:
-            raise ConfigError(
-                f"config key 'model.latent_channels': the encoded latents have {channels} channels, "
-                f"the transformer takes {model_config.in_channels}"
-            )
-        return model_config, source, encoded
+        prepared = prepare_data(self.cfg, self.model_config)
+        self.encode_stats = prepared.stats
+        return self.model_config, self.model_source, prepared.encoded
 
     def _batches(self, encoded):
-        from contentv_jax.train.data import TrainBatches
+        from contentv_jax.data.loader import TrainBatches
 
         b = self.cfg.buckets
         kinds = "both" if (b.images and b.videos) else ("image" if b.images else "video")
@@ -456,41 +322,12 @@ class Trainer:
 
     def export(self, dst: Path) -> None:
         """Write the trained weights (the EMA when enabled) as a transformer checkpoint loadable by
-        ``load_transformer`` (``converters.common.save_checkpoint``: ``config.json`` + Orbax ``state/``).
-
-        With several processes every process writes its shards of ``state/`` into one shared temporary
-        directory, then process 0 adds ``config.json`` and renames it onto ``dst``."""
-        from converters import common
-
+        ``load_transformer`` (``contentv_jax.checkpoints.export_checkpoint``: every process writes its shards)."""
         weights = self.state["ema"] if self.state.get("ema") is not None else self.state["params"]
         state = jax.tree.map(lambda v: v, self.param_state)
         nnx.replace_by_pure_dict(state, weights)
         model_state = nnx.state(nnx.merge(self.graphdef, state, self.rest))
-        if jax.process_count() == 1:
-            common.save_checkpoint(dst, model_state, self.model_config.to_dict())
-            return
-        import shutil
-
-        import orbax.checkpoint as ocp
-
-        dst = Path(dst).absolute()
-        tmp = dst.with_name(f".{dst.name}.tmp-export")  # one name every process agrees on
-
-        def clear():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-
-        _on_main_then_all("export", clear if self.main else None)
-        with ocp.StandardCheckpointer() as ckptr:  # collective: each process writes its shards
-            ckptr.save(tmp / common.STATE_DIR, model_state)
-            ckptr.wait_until_finished()
-
-        def commit():
-            cfg = dict(self.model_config.to_dict(), _format=common.OUR_FORMAT)
-            (tmp / common.CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-            common._commit_dir(tmp, dst)
-
-        _on_main_then_all("export commit", commit if self.main else None)
+        checkpoints.export_checkpoint(dst, model_state, self.model_config.to_dict())
 
     def global_batch(self, local: dict) -> dict:
         """This process's rows (:meth:`host_rows`; e.g. ``data_iter``'s batch) -> global jax arrays
@@ -582,29 +419,6 @@ class Trainer:
         if self.main:
             _atomic_write(self.run_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
         return summary
-
-
-def _on_main_then_all(name: str, fn) -> None:
-    """Run ``fn`` on the main process (``fn`` is None elsewhere) while the others wait, then continue
-    together. With several processes, process 0's outcome is broadcast: if ``fn`` raised, it re-raises
-    there and every other process raises RuntimeError instead of waiting forever at a barrier."""
-    if jax.process_count() == 1:
-        if fn is not None:
-            fn()
-        return
-    from jax.experimental import multihost_utils
-
-    error = None
-    if fn is not None:
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
-            error = e
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
-    if error is not None:
-        raise error
-    if int(failed):
-        raise RuntimeError(f"process 0 failed in the {name} stage (see its log); stopping this process too")
 
 
 def train(cfg: TrainConfig, *, devices=None) -> dict:

@@ -1,6 +1,6 @@
 """The training data pipeline on grain: one bucket per step, one global batch per step, exact resumable state.
 
-Reads the records of :mod:`contentv_jax.encode` (``index.json`` + ArrayRecord files per bucket)::
+Reads the records of :mod:`contentv_jax.data.encode` (``index.json`` + ArrayRecord files per bucket)::
 
     batches = TrainBatches(records_dir, seed=0, video_batch_size=8, image_batch_size=16,
                            batch_multiple=mesh_batch_size, host_rows=rows_of_this_host)
@@ -16,14 +16,14 @@ Reads the records of :mod:`contentv_jax.encode` (``index.json`` + ArrayRecord fi
 How a step's batch is chosen (a pure function of ``(seed, step)`` and the index: identical on every
 host, for any number of hosts, and after any restart):
 
-1. bucket: :func:`contentv_jax.train.buckets.bucket_for_step(seed, step, available, weights)`;
+1. bucket: :func:`contentv_jax.data.buckets.bucket_for_step(seed, step, available, weights)`;
    weights are the buckets' record counts (``bucket_weights="records"``), uniform, an explicit
    mapping, or, with ``image_fraction``, image buckets share ``image_fraction`` of the draws;
 2. records: the bucket's records are visited in a fresh permutation per epoch
    (``numpy.random.default_rng([seed, crc32(key), epoch])``); the step's global batch takes the next
    ``B`` positions of that stream, where the position is the number of earlier steps that drew the
    bucket times ``B``;
-3. batch sizes: the global batch ``B`` of each bucket is :func:`contentv_jax.train.buckets.make_buckets`'s
+3. batch sizes: the global batch ``B`` of each bucket is :func:`contentv_jax.data.buckets.make_buckets`'s
    (tokens per batch kept about constant; ``video_batch_size`` at the stage's largest video shape);
 4. hosts: each host loads only its rows ``host_rows(B)`` of the global batch (by default the
    ``process_index``-th of ``process_count`` equal contiguous blocks; the trainer passes the rows its
@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from contentv_jax.encode import decode_record, load_null_text, read_index
-from contentv_jax.train.buckets import Bucket, draw_index, make_buckets
+from contentv_jax.data.encode import decode_record, load_null_text, read_index
+from contentv_jax.data.buckets import Bucket, draw_index, make_buckets
 
 __all__ = ["TrainBatches", "StepPlanner"]
 
@@ -142,7 +142,7 @@ class TrainBatches:
     """Bucketed, resumable batches of encoded records, each host loading its rows (see the module docstring).
 
     Args:
-      records_dir: an output directory of :func:`contentv_jax.encode.encode_dataset`.
+      records_dir: an output directory of :func:`contentv_jax.data.encode.encode_dataset`.
       seed: the shared data seed (bucket draws and record order).
       video_batch_size / image_batch_size: global batch at the stage's largest video / image bucket
         (``image_batch_size`` defaults to ``video_batch_size``); smaller buckets get larger batches.

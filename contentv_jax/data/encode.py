@@ -10,9 +10,9 @@ Input: ``DIR/captions.jsonl`` of ``{"file": ..., "caption": ...}`` lines (the fo
 ``../shared/data/videos/captions.jsonl``); files are videos (anything PyAV decodes) or images
 (``.png .jpg .jpeg .webp .bmp``: T=1 records).
 
-Per file: probe; pick its bucket (:func:`contentv_jax.train.buckets.assign_bucket`: closest aspect
+Per file: probe; pick its bucket (:func:`contentv_jax.data.buckets.assign_bucket`: closest aspect
 ratio, longest whole-second duration that fits, at most ``max_frames``); cut back-to-back clips of
-the bucket's ``4k + 1`` frames at ``fps`` (:func:`contentv_jax.video.clip_frame_indices`); resize +
+the bucket's ``4k + 1`` frames at ``fps`` (:func:`contentv_jax.data.video.clip_frame_indices`); resize +
 center-crop to the bucket; scale to ``[-1, 1]``; ``vae.encode(x (B, T, H, W, 3))`` then
 ``vae.normalize(z.mode())`` (or ``.sample(key)``) -> normalised latents ``(T', h, w, 16)``; the caption
 through :class:`contentv_jax.text.TextEncoders` -> ``prompt_embeds (77 + L, Dctx)``, ``pooled (Dpool,)``.
@@ -52,8 +52,8 @@ from typing import Any
 
 import numpy as np
 
-from contentv_jax.train.buckets import Bucket, assign_bucket, make_buckets
-from contentv_jax.video import (
+from contentv_jax.data.buckets import Bucket, assign_bucket, make_buckets
+from contentv_jax.data.video import (
     VideoReadError,
     clip_frame_indices,
     probe_video,
@@ -229,7 +229,7 @@ def _iter_clips(path: Path, index_lists: list[np.ndarray], height: int, width: i
     Only the clips in progress are held (as resized frames), never the whole decoded video.
     Raises VideoReadError when the file ends before the last requested frame.
     """
-    from contentv_jax.video import iter_video_frames
+    from contentv_jax.data.video import iter_video_frames
 
     where: dict[int, list[tuple[int, int]]] = {}
     for c, idx in enumerate(index_lists):
@@ -275,7 +275,7 @@ def _make_vae_fn(vae, latent_mode: str):
 
 def _resolve_vae(vae):
     if isinstance(vae, (str, os.PathLike)):
-        from contentv_jax.models import load_vae
+        from contentv_jax.checkpoints import load_vae
 
         return load_vae(vae)
     return vae

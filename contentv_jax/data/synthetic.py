@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from contentv_jax.atomic import atomic_dir
-from contentv_jax.video import write_video
+from contentv_jax.data.video import write_video
 
 __all__ = ["COLORS", "SHAPES", "DIRECTIONS", "caption", "render_video", "make_synthetic_dataset"]
 
