@@ -8,7 +8,11 @@
 
 Input: ``DIR/captions.jsonl`` of ``{"file": ..., "caption": ...}`` lines (the format of
 ``../shared/data/videos/captions.jsonl``); files are videos (anything PyAV decodes) or images
-(``.png .jpg .jpeg .webp .bmp``: T=1 records).
+(``.png .jpg .jpeg .webp .bmp``: T=1 records). A line may carry several captions (``"captions": [...]``,
+``"short_caption"``, ``"long_caption"`` besides ``"caption"``; the report's SFT data has a short and a
+long caption per clip, ContentV report section 6.1): every caption is encoded and stored with the clip,
+with its kind, and the trainer draws one per sample per step. Numeric fields of a line (e.g.
+``aesthetic``, ``motion``) are kept with its records for ``data.filter`` (curated subsets).
 
 Per file: probe; pick its bucket (:func:`contentv_jax.data.buckets.assign_bucket`: closest aspect
 ratio, longest whole-second duration that fits, at most ``max_frames``); cut back-to-back clips of
@@ -21,12 +25,13 @@ Output ``OUT/``:
 - ``<bucket key>.array_record`` (``<bucket key>.shard-SSSSS-of-NNNNN.array_record`` when sharded over
   several encode jobs): one record per clip, bytes of an ``.npz`` (no pickle) holding
   ``latents`` float32 (T', h, w, C), ``prompt_embeds`` (77 + L, Dctx), ``pooled`` (Dpool,) (float32, or
-  float16 with ``embeds_dtype="float16"``) and ``meta`` (JSON: file, caption, clip, frame indices,
-  bucket); read with :func:`decode_record`;
+  float16 with ``embeds_dtype="float16"``; with K > 1 captions ``(K, 77 + L, Dctx)`` and ``(K, Dpool)``) and
+  ``meta`` (JSON: file, caption, clip, frame indices, bucket; with K > 1 ``captions`` and
+  ``caption_kinds``; ``fields``, the line's numeric fields); read with :func:`decode_record`;
 - ``null_text.npz``: the empty prompt's ``prompt_embeds (1, 77 + L, Dctx)``, ``pooled (1, Dpool)``
   (caption dropout for CFG);
 - ``index.json`` (written last): buckets (key, frames, height, width, latent shape, record count,
-  record files in order), text widths, fps, the config and the stats. :func:`read_index` loads it.
+  record files in order, ``fields``: each numeric field's value per record, None where absent), text widths, fps, the config and the stats. :func:`read_index` loads it.
   Sharded encodes (``--num-shards N --shard-index I``, e.g. one per machine) each write
   ``index.shard-I-of-N.json``; the last to finish merges them (:func:`merge_shards`).
 
@@ -175,7 +180,45 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------------------------
 # inputs
 
-def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool = True) -> list[tuple[str, str]]:
+def parse_caption_line(obj: Any) -> tuple[str, list[tuple[str, str]], dict[str, float]]:
+    """One ``captions.jsonl`` object -> ``(file, [(kind, caption), ...], numeric fields)``.
+
+    Captions come from ``"caption"`` (kind ``caption``), every entry of ``"captions": [...]`` (kind
+    ``caption``), ``"short_caption"`` (kind ``short``) and ``"long_caption"`` (kind ``long``); at least one
+    is required, each a non-empty string. Every other field holding a number (e.g. ``aesthetic``,
+    ``motion``) is kept as a float for ``data.filter``. Raises KeyError / TypeError / ValueError naming
+    what is wrong.
+    """
+    if not isinstance(obj, dict):
+        raise TypeError(f"expected a JSON object, got {type(obj).__name__}")
+    file = obj["file"]
+    if not isinstance(file, str):
+        raise TypeError("file must be a string")
+    captions: list[tuple[str, str]] = []
+    if "caption" in obj:
+        captions.append(("caption", obj["caption"]))
+    if "captions" in obj:
+        lst = obj["captions"]
+        if not isinstance(lst, list) or not lst:
+            raise ValueError("captions must be a non-empty list of strings")
+        captions += [("caption", c) for c in lst]
+    for field, kind in (("short_caption", "short"), ("long_caption", "long")):
+        if field in obj:
+            captions.append((kind, obj[field]))
+    if not captions:
+        raise KeyError("no caption (expected caption, captions, short_caption or long_caption)")
+    for _, c in captions:
+        if not isinstance(c, str) or not c.strip():
+            raise TypeError(f"every caption must be a non-empty string, got {c!r}")
+    fields = {
+        k: float(v) for k, v in obj.items()
+        if k not in ("file", "caption", "captions", "short_caption", "long_caption")
+        and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    return file, captions, fields
+
+
+def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool = True) -> list[tuple[str, list, dict]]:
     path = data_dir / "captions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions.jsonl in the data directory (lines of {{\"file\", \"caption\"}})")
@@ -184,10 +227,7 @@ def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool 
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-            file, caption = obj["file"], obj["caption"]
-            if not isinstance(file, str) or not isinstance(caption, str):
-                raise TypeError("file and caption must be strings")
+            file, captions, fields = parse_caption_line(json.loads(line))
         except (ValueError, KeyError, TypeError) as e:
             if report_uncaptioned:
                 _skip(stats, "bad_caption_line", f"{path.name}:{n}", f"malformed line ({e})")
@@ -196,7 +236,7 @@ def _read_captions(data_dir: Path, stats: EncodeStats, report_uncaptioned: bool 
             log.warning("%s:%d: %s already captioned; the first caption is kept", path.name, n, file)
             continue
         seen.add(file)
-        items.append((file, caption))
+        items.append((file, captions, fields))
     media = {
         p.relative_to(data_dir).as_posix()
         for p in data_dir.rglob("*")
@@ -365,6 +405,7 @@ def encode_dataset(
     writers: dict[str, tuple[Any, Path, Path]] = {}
     bucket_of: dict[str, Bucket] = {}
     latent_channels = None
+    rec_fields: dict[str, list[dict]] = {}  # per bucket, each record's numeric caption-line fields
 
     def writer_for(b: Bucket):
         if b.key not in writers:
@@ -380,7 +421,7 @@ def encode_dataset(
 
         bar = tqdm(total=len(items), desc="encode", unit="file")
     try:
-        for file, caption in items:
+        for file, captions, fields in items:
             stats.files_seen += 1
             if bar is not None:
                 bar.update(1)
@@ -423,18 +464,27 @@ def encode_dataset(
                 _skip(stats, "unreadable", file, str(e))
                 continue
 
-            embeds, pooled = text.encode([caption], max_sequence_length=max_sequence_length)
+            # every caption of the clip: (K, L, Dctx) / (K, Dpool); one caption keeps the (L, Dctx) layout
+            embeds, pooled = text.encode([c for _, c in captions], max_sequence_length=max_sequence_length)
+            if len(captions) == 1:
+                embeds, pooled = embeds[0], pooled[0]
             w = writer_for(bucket)
             latent_channels = latents[0].shape[-1]
             for j, z in enumerate(latents):
                 meta = {
                     "file": file,
-                    "caption": caption,
+                    "caption": captions[0][1],
                     "clip": j,
                     "frame_indices": index_lists[j].tolist(),
                     "bucket": bucket.key,
                 }
-                w.write(encode_record(z, embeds[0].astype(edtype), pooled[0].astype(edtype), meta))
+                if len(captions) > 1:
+                    meta["captions"] = [c for _, c in captions]
+                    meta["caption_kinds"] = [k for k, _ in captions]
+                if fields:
+                    meta["fields"] = fields
+                w.write(encode_record(z, embeds.astype(edtype), pooled.astype(edtype), meta))
+                rec_fields.setdefault(bucket.key, []).append(fields)
                 stats.records += 1
                 stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
             stats.files_encoded += 1
@@ -479,6 +529,7 @@ def encode_dataset(
                 "num_records": stats.records_per_bucket[k],
                 "files": [f"{k}{suffix}.array_record"],
                 "file_records": [stats.records_per_bucket[k]],
+                "fields": _columns(rec_fields.get(k, [])),
             }
             for k, b in sorted(bucket_of.items())
         },
@@ -493,6 +544,19 @@ def encode_dataset(
             merge_shards(out_dir, num_shards)
     print(stats.summary())
     return stats
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Per-record field dicts -> columns ``{field: [value or None per record]}`` (the index's ``fields``)."""
+    names = sorted({k for r in rows for k in r})
+    return {k: [r.get(k) for r in rows] for k in names}
+
+
+def _concat_columns(a: dict, na: int, b: dict, nb: int) -> dict:
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        out[k] = list(a.get(k, [None] * na)) + list(b.get(k, [None] * nb))
+    return out
 
 
 def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
@@ -518,10 +582,12 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
     for sh in shards:
         for k, e in sh["buckets"].items():
             if k not in buckets:
-                buckets[k] = {**e, "files": [], "file_records": [], "num_records": 0}
+                buckets[k] = {**e, "files": [], "file_records": [], "num_records": 0, "fields": {}}
+            n_before = buckets[k]["num_records"]
             buckets[k]["files"] += e["files"]
             buckets[k]["file_records"] += e["file_records"]
             buckets[k]["num_records"] += e["num_records"]
+            buckets[k]["fields"] = _concat_columns(buckets[k].get("fields", {}), n_before, e.get("fields", {}), e["num_records"])
     merged["buckets"] = dict(sorted(buckets.items()))
     merged["shard"] = [0, 1]
     stats = EncodeStats()

@@ -178,6 +178,8 @@ class TrainBatches:
         kinds: str = "both",
         num_threads: int = 2,
         prefetch: int = 2,
+        caption_weights: Mapping[str, float] | None = None,
+        record_filter: Mapping[str, Mapping[str, float]] | None = None,
     ):
         import grain
 
@@ -215,6 +217,11 @@ class TrainBatches:
         keep = [k for k in entries if kinds == "both" or (table[k].is_image == (kinds == "image"))]
         self.buckets: dict[str, Bucket] = {k: table[k] for k in keep}
         num_records = {k: int(entries[k]["num_records"]) for k in keep}
+        self.caption_weights = dict(caption_weights or {})
+        # curated subset: the records of each bucket that the filter keeps (ranks over the whole dataset)
+        self.filter_report = None
+        self.kept = self._apply_filter(entries, keep, num_records, record_filter or {})
+        num_records = {k: len(v) for k, v in self.kept.items()}
         weights = self._weights(bucket_weights, image_fraction, num_records)
         self.planner = StepPlanner(
             num_records, {k: b.batch_size for k, b in self.buckets.items()}, seed=self.seed, weights=weights
@@ -230,8 +237,8 @@ class TrainBatches:
                 raise FileNotFoundError(f"record files of bucket {k} missing: {', '.join(missing)}")
             # several files (encode shards) read as one sequence, in the index's order
             self._sources[k] = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-            if len(self._sources[k]) != num_records[k]:
-                raise ValueError(f"{paths}: {len(self._sources[k])} records, index says {num_records[k]}")
+            if len(self._sources[k]) != int(entries[k]["num_records"]):
+                raise ValueError(f"{paths}: {len(self._sources[k])} records, index says {entries[k]['num_records']}")
         self.dataset = grain.MapDataset.range(0, _NUM_STEPS).map(self.batch)
         self._read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
         self._iter = iter(self.dataset.to_iter_dataset(self._read_options))
@@ -241,6 +248,29 @@ class TrainBatches:
             "batch_sizes": {k: self.buckets[k].batch_size for k in self.planner.available},
             "weights": self.planner.weights,
         }
+        if record_filter:
+            self._fingerprint["filter"] = {k: dict(v) for k, v in record_filter.items()}
+        if self.caption_weights:
+            self._fingerprint["caption_weights"] = self.caption_weights
+
+    def _apply_filter(self, entries, keys, num_records, rules) -> dict[str, np.ndarray]:
+        """Per bucket, the record positions kept by ``rules`` (``data.filter``); all when no rules."""
+        if not rules:
+            return {k: np.arange(num_records[k]) for k in keys}
+        from contentv_jax.data.curation import filter_records
+
+        names = sorted({f for k in keys for f in entries[k].get("fields", {})})
+        columns = {f: [v for k in keys for v in entries[k].get("fields", {}).get(f, [None] * num_records[k])] for f in names}
+        mask = filter_records(columns, rules)
+        kept, start = {}, 0
+        for k in keys:
+            kept[k] = np.flatnonzero(mask[start:start + num_records[k]])
+            start += num_records[k]
+        total, n_kept = int(sum(num_records.values())), int(mask.sum())
+        self.filter_report = (f"data.filter {dict(rules)}: kept {n_kept} of {total} records, dropped {total - n_kept}")
+        if n_kept == 0:
+            raise ValueError(f"{self.records_dir}: data.filter {dict(rules)} keeps none of the {total} records")
+        return kept
 
     def _even_rows(self, global_batch_size: int) -> slice:
         local = global_batch_size // self.process_count
@@ -284,13 +314,30 @@ class TrainBatches:
     # -- random access ------------------------------------------------------------------------
     def batch(self, step: int) -> dict[str, Any]:
         """This host's rows of the batch of ``step`` (what the iterator yields at that step)."""
+        from contentv_jax.data.curation import draw_caption
+
         key, idx = self.planner.plan(int(step))
-        src = self._sources[key]
-        recs = [decode_record(src[i]) for i in idx[self.rows[key]]]
+        src, kept, rows = self._sources[key], self.kept[key], self.rows[key]
+        recs = [decode_record(src[int(kept[i])]) for i in idx[rows]]
+        embeds, pooled, chosen, kinds = [], [], [], []
+        for row, r in zip(range(rows.start, rows.stop), recs):
+            e, p = r["prompt_embeds"], r["pooled"]
+            if e.ndim == 3:  # several captions: one per sample per step, from (seed, step, global row)
+                ks = r["meta"].get("caption_kinds") or ["caption"] * e.shape[0]
+                c = draw_caption(self.seed, int(step), row, ks, self.caption_weights)
+                e, p, kind = e[c], p[c], ks[c]
+            else:
+                c, kind = 0, "caption"
+            embeds.append(e)
+            pooled.append(p)
+            chosen.append(c)
+            kinds.append(kind)
         return {
             "latents": np.stack([r["latents"] for r in recs]),
-            "prompt_embeds": np.stack([r["prompt_embeds"] for r in recs]),
-            "pooled": np.stack([r["pooled"] for r in recs]),
+            "prompt_embeds": np.stack(embeds),
+            "pooled": np.stack(pooled),
+            "caption_index": np.asarray(chosen, np.int32),
+            "caption_kind": kinds,
             "bucket": key,
             "step": int(step),
             "global_batch_size": len(idx),
@@ -301,6 +348,8 @@ class TrainBatches:
         p = self.planner
         tot = sum(p.weights.values())
         lines = [f"data {self.records_dir}: {len(p.available)} buckets, host {self.process_index}/{self.process_count}"]
+        if self.filter_report:
+            lines.append("  " + self.filter_report)
         for k in p.available:
             r = self.rows[k]
             lines.append(

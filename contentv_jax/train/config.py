@@ -76,6 +76,13 @@ class DataSection:
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
     ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
     count and frames per video (at ``fps``). ``num_threads``: grain read threads.
+    ``caption_weights``: with several captions per clip (``captions.jsonl``'s ``captions`` list,
+    ``short_caption``, ``long_caption``), the draw weight of each kind (``caption``, ``short``, ``long``),
+    e.g. ``{short: 0.5, long: 0.5}`` as in the report's SFT (section 6.1); empty: every caption equally
+    likely. One draw per sample per step from the seed and the step (the same on every host and on resume).
+    ``filter``: a curated subset by the numeric fields of ``captions.jsonl`` lines, ``{field: {min, max,
+    top, bottom}}`` (``top``/``bottom`` are fractions of the whole dataset), e.g. the report's SFT subset
+    ``{aesthetic: {top: 0.1}, motion: {top: 0.1}}``; applied when the records are loaded.
     """
 
     dir: str = ""
@@ -85,6 +92,8 @@ class DataSection:
     num_synthetic: int = 16
     synthetic_frames: int = 24
     num_threads: int = 2
+    caption_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    filter: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -210,6 +219,16 @@ class RewardSection:
 
 
 @dataclasses.dataclass
+class SFTSection:
+    """Supervised fine-tuning (ContentV report section 6.1): ``kl_weight`` (lambda) of the velocity
+    regulariser ``lambda * mean((v - sg(v_ref))^2)`` against the frozen pre-trained model (``model.init``,
+    kept in bfloat16, sharded like the trained model, never updated nor saved); 0 disables it
+    (:mod:`contentv_jax.train.sft`)."""
+
+    kl_weight: float = 0.0
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything a training run needs (``python -m contentv_jax.train``)."""
 
@@ -232,6 +251,7 @@ class TrainConfig:
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     rlhf: RLHFSection = dataclasses.field(default_factory=RLHFSection)
     reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    sft: SFTSection = dataclasses.field(default_factory=SFTSection)
 
 
 DEFAULT_CONFIG = "tiny"  # the shipped configs/train/tiny.yaml (contentv_jax.config.find_config)
@@ -337,6 +357,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 err(key, f"must be a positive multiple of {unit} (or 0: the largest bucket), got {v}")
         if sm.fps < 0:
             err("sampling.fps", f"must be >= 0 (0: data.fps), got {sm.fps}")
+    if cfg.sft.kl_weight < 0:
+        err("sft.kl_weight", f"must be >= 0, got {cfg.sft.kl_weight}")
+    if cfg.sft.kl_weight > 0 and cfg.model.init == "random":
+        err("sft.kl_weight", f"{cfg.sft.kl_weight} > 0 needs a pre-trained model to stay close to, but "
+            "model.init is 'random': set model.init to a checkpoint or sft.kl_weight=0")
+    from contentv_jax.data.curation import validate_caption_weights, validate_filter
+
+    validate_caption_weights(cfg.data.caption_weights)
+    validate_filter(cfg.data.filter)
     for key, v in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp), ("mesh.sequence", cfg.mesh.sequence)):
         if v < 1 and v != -1:
             err(key, f"must be >= 1 or -1, got {v}")

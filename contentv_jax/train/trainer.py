@@ -52,6 +52,7 @@ from contentv_jax.sharding.init import create_sharded, state_shardings
 from contentv_jax.sharding.logical import activation_sharding, batch_spec
 from contentv_jax.sharding.mesh import create_mesh
 from contentv_jax.train import loss as fm
+from contentv_jax.train import sft
 from contentv_jax.train.checkpoint import TrainCheckpointer
 from contentv_jax.train.config import (
     PATCH_SIZE,
@@ -100,11 +101,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty_context, empty_pooled):
-    """The pure train step ``(state, batch) -> (state, metrics)``.
+    """The pure train step ``(state, batch, ref_params) -> (state, metrics)``.
 
     ``state``: ``{"step": int32 (), "rng": uint32 key data, "params": pure dict (float32),
     "opt_state": optax state, "ema": pure dict or None}``; ``batch``: ``latents`` (B, T, H, W, C),
-    ``prompt_embeds`` (B, L, Dctx), ``pooled`` (B, Dpool). A non-finite loss or gradient norm leaves
+    ``prompt_embeds`` (B, L, Dctx), ``pooled`` (B, Dpool). ``ref_params``: the frozen reference model's
+    pure dict (bfloat16) when ``sft.kl_weight > 0`` (the SFT regulariser, :mod:`contentv_jax.train.sft`),
+    else None; it is an input only (no gradient, never updated). A non-finite loss or gradient norm leaves
     params, optimizer and EMA unchanged (the step counter still advances past the batch).
     The logged ``lr`` is the rate this step's update used: optax's schedule at its own count of
     applied updates (which skipped steps do not advance). The EMA decay warms up as diffusers'
@@ -114,15 +117,23 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
     sched = cfg.schedule
     lr_fn = learning_rate_schedule(cfg.optimizer)
     max_ema_decay = cfg.optimizer.ema_decay
+    kl_weight = float(cfg.sft.kl_weight)
 
-    def loss_fn(params, x_sigma, t, context, pooled, target):
+    def velocity_of(params, x_sigma, t, context, pooled):
         state = jax.tree.map(lambda v: v, params_template)
         nnx.replace_by_pure_dict(state, params)  # float32 master weights; the model computes in its dtype
         model = nnx.merge(graphdef, state, rest)
-        velocity = model(x_sigma.astype(dtype), t, context.astype(dtype), pooled.astype(dtype))
-        return fm.velocity_mse(velocity, target)
+        return model(x_sigma.astype(dtype), t, context.astype(dtype), pooled.astype(dtype))
 
-    def step_fn(state, batch):
+    def loss_fn(params, x_sigma, t, context, pooled, target, ref_params):
+        velocity = velocity_of(params, x_sigma, t, context, pooled)
+        if kl_weight == 0:
+            loss = fm.velocity_mse(velocity, target)
+            return loss, {}
+        v_ref = jax.lax.stop_gradient(velocity_of(ref_params, x_sigma, t, context, pooled))
+        return sft.regularised_loss(velocity, target, v_ref, kl_weight)
+
+    def step_fn(state, batch, ref_params=None):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         k_noise, k_sigma, k_drop = jax.random.split(key, 3)
@@ -136,8 +147,8 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
             k_drop, batch["prompt_embeds"], batch["pooled"], empty_context, empty_pooled, cfg.data.caption_dropout
         )
         x_sigma, target = fm.noisy_latents(latents, noise, sigma)
-        loss, grads = jax.value_and_grad(loss_fn)(
-            state["params"], x_sigma, fm.timesteps(sigma), context, pooled, target
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], x_sigma, fm.timesteps(sigma), context, pooled, target, ref_params
         )
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -161,6 +172,7 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
             "lr": lr_fn(prior_updates),
             "sigma_mean": jnp.mean(sigma),
             "finite": finite,
+            **parts,
         }
         return new_state, metrics
 
@@ -268,6 +280,15 @@ class Trainer:
             "opt_state": opt_state,
             "ema": jax.tree.map(jnp.copy, pure) if ema else None,
         }
+        # SFT: the frozen reference = the run's initial weights (model.init) in bfloat16, sharded like the
+        # trained params; outside the train state, so never in the optimizer, never updated, never saved
+        self.ref_params = None
+        if self.cfg.sft.kl_weight > 0:
+            with jax.set_mesh(self.mesh):
+                self.ref_params = jax.jit(
+                    lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p), out_shardings=p_sh
+                )(pure)
+            self.ref_sh = p_sh
         shardings = {"step": repl, "rng": repl, "params": p_sh, "opt_state": opt_sh, "ema": p_sh if ema else None}
         return TrainState(graphdef, jax.device_put(rest, repl), template, state, shardings)
 
@@ -303,6 +324,8 @@ class Trainer:
             image_fraction=b.image_fraction if kinds == "both" else None,
             kinds=kinds,
             num_threads=self.cfg.data.num_threads,
+            caption_weights=self.cfg.data.caption_weights,
+            record_filter=self.cfg.data.filter,
         )
 
     def setup(self):
@@ -321,9 +344,10 @@ class Trainer:
             jax.device_put(jnp.asarray(empty_pooled[0]), repl),
         )
         self.batch_sh = self._batch_sharding()
+        ref_sh = self.ref_sh if self.ref_params is not None else None
         self._step = jax.jit(
             step_fn,
-            in_shardings=(self.state_sh, self.batch_sh),
+            in_shardings=(self.state_sh, self.batch_sh, ref_sh),
             out_shardings=(self.state_sh, None),
             donate_argnums=(0,),
         )
@@ -426,7 +450,7 @@ class Trainer:
     def _dispatch(self, batch: dict):
         """Start one compiled step; returns its metrics as device arrays, without waiting for them."""
         with jax.set_mesh(self.mesh), activation_sharding(self.mesh, self.rules):
-            self.state, metrics = self._step(self.state, batch)
+            self.state, metrics = self._step(self.state, batch, self.ref_params)
         return metrics
 
     @staticmethod
@@ -565,6 +589,8 @@ class Trainer:
             "skipped_files": skipped,
             "run_dir": str(self.run_dir),
         }
+        if cfg.sft.kl_weight > 0:  # the frozen reference is not saved with the checkpoints: where it came from
+            summary["sft_reference"] = {"path": str(Path(cfg.model.init).absolute()), "kl_weight": cfg.sft.kl_weight}
         if self.main:
             _atomic_write(self.run_dir / "summary.json", json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
         return summary
