@@ -17,6 +17,7 @@ For each run it reports:
     python bench/scale_plan.py                       # 256 devices, Stage 3 and 720p, default splits
     python bench/scale_plan.py --config configs/train/stage2.yaml model.attention_kernel=xla   # another setting
     python bench/scale_plan.py --devices 16 --layers 2 --splits 2,4,2 --resolutions stage3   # quick check
+    python bench/scale_plan.py --config configs/train/sft.yaml --verify-mesh none   # the SFT rows
     python bench/scale_plan.py --rlhf 1,4 --resolutions rlhf --splits "2,16,8;4,8,8" --verify-mesh none
 
 RLHF rows (``--rlhf K,...``; ContentV report section 3.2): the whole RLHF step of
@@ -74,10 +75,13 @@ def param_count(cfg) -> int:
     return (cfg.num_layers - 1) * full + final + embed
 
 
-def build_step(cfg, mesh, latent: tuple[int, int, int], batch: int):
+def build_step(cfg, mesh, latent: tuple[int, int, int], batch: int, *, reference: bool = False):
     """Lower and compile the train step (MSE on the velocity, AdamW) for ``cfg`` on ``mesh`` from
     abstract shapes: float32 params and AdamW moments sharded by the logical rules and donated,
-    bfloat16 inputs sharded over (data x fsdp). Returns (compiled, compile seconds, parameter count)."""
+    bfloat16 inputs sharded over (data x fsdp). ``reference``: the SFT step (ContentV report section 6.1,
+    ``contentv_jax.train.sft``): a frozen bfloat16 copy of the parameters, sharded like them and not
+    donated, runs one more forward on the same input and the loss adds ``mean((v - sg(v_ref))^2)``.
+    Returns (compiled, compile seconds, parameter count)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -109,19 +113,28 @@ def build_step(cfg, mesh, latent: tuple[int, int, int], batch: int):
         "pooled": sds((batch, cfg.pooled_projection_dim), jnp.bfloat16, sharding=bsh),
     }
 
-    def step(params, opt_state, b):
+    def step(params, opt_state, b, ref=None):
         def loss(p):
-            out = nnx.merge(graphdef, p)(b["latents"], b["timestep"], b["context"], b["pooled"])
-            return jnp.mean((out.astype(jnp.float32) - b["target"].astype(jnp.float32)) ** 2)
+            args = (b["latents"], b["timestep"], b["context"], b["pooled"])
+            out = nnx.merge(graphdef, p)(*args).astype(jnp.float32)
+            value = jnp.mean((out - b["target"].astype(jnp.float32)) ** 2)
+            if ref is not None:
+                v_ref = jax.lax.stop_gradient(nnx.merge(graphdef, ref)(*args).astype(jnp.float32))
+                value = value + jnp.mean((out - v_ref) ** 2)
+            return value
 
         with activation_sharding(mesh):
             value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    jitted = jax.jit(step, in_shardings=(p_sh, opt_sh, bsh), out_shardings=(p_sh, opt_sh, repl), donate_argnums=(0, 1))
+    in_sh = (p_sh, opt_sh, bsh) + ((p_sh,) if reference else ())
+    jitted = jax.jit(step, in_shardings=in_sh, out_shardings=(p_sh, opt_sh, repl), donate_argnums=(0, 1))
+    abstract = (params, opt, batch_abs)
+    if reference:
+        abstract += (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=x.sharding), params),)
     t0 = time.perf_counter()
-    compiled = jitted.lower(params, opt, batch_abs).compile()
+    compiled = jitted.lower(*abstract).compile()
     return compiled, time.perf_counter() - t0, n_params
 
 
@@ -288,6 +301,11 @@ def main(argv=None) -> int:
 
     if args.rlhf:
         return _rlhf_plan(args, cfg, resolutions)
+    # SFT configs (sft.kl_weight > 0) plan the SFT step: params + AdamW + the frozen bfloat16 reference
+    sft = train_cfg.sft.kl_weight > 0
+    if sft:
+        print(f"SFT step: sft.kl_weight={train_cfg.sft.kl_weight}: + a frozen bfloat16 reference (sharded like the "
+              "params, not donated) and its forward", flush=True)
 
     # 2) The plan: per-device memory of the real step on each split; FLOPs from the verified closed form.
     rows = []
@@ -299,13 +317,15 @@ def main(argv=None) -> int:
             shape = tuple(int(x) for x in split.split(","))
             mesh = create_mesh(MeshConfig(*shape))
             batch = shape[0] * shape[1] * args.batch_per_shard
-            compiled, compile_s, n_params = build_step(cfg, mesh, lat, batch)
+            compiled, compile_s, n_params = build_step(cfg, mesh, lat, batch, reference=sft)
             mem = compiled.memory_analysis()
             per_dev = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                        + mem.temp_size_in_bytes)
             cf = closed_form_flops(cfg, video_tokens, TEXT_TOKENS, batch, sequence=shape[2])
+            if sft:  # + the frozen reference's forward on the same input
+                cf = dict(cf, model_train=cf["model_train"] + cf["forward"], hardware_train=cf["hardware_train"] + cf["forward"])
             row = {
-                "resolution": res, "video_tokens": video_tokens, "text_tokens": TEXT_TOKENS, "mesh": shape,
+                "kind": "sft" if sft else "train", "resolution": res, "video_tokens": video_tokens, "text_tokens": TEXT_TOKENS, "mesh": shape,
                 "global_batch": batch, "per_device_gib": per_dev / 2**30,
                 "args_gib": mem.argument_size_in_bytes / 2**30, "temp_gib": mem.temp_size_in_bytes / 2**30,
                 "fits_32gb": per_dev <= 32e9,
@@ -316,7 +336,7 @@ def main(argv=None) -> int:
             for name, peak in PEAK_BF16.items():
                 row[f"step_s_50mfu_{name}"] = cf["model_train"] / (args.devices * peak * 0.5)
             rows.append(row)
-            print(f"{res:7s} tokens {video_tokens:6d}+{TEXT_TOKENS} mesh {str(shape):12s} batch {batch:4d}: "
+            print(f"{'SFT ' if sft else ''}{res:7s} tokens {video_tokens:6d}+{TEXT_TOKENS} mesh {str(shape):12s} batch {batch:4d}: "
                   f"{row['per_device_gib']:6.2f} GiB/device (args {row['args_gib']:.2f}, temp {row['temp_gib']:.2f}) "
                   f"{'fits' if row['fits_32gb'] else 'OVER'} 32 GB | model {cf['model_train']:.3e} flop/step "
                   f"(hardware {cf['hardware_train']:.3e}) | 50% MFU step: v5p {row['step_s_50mfu_tpu-v5p']:.2f}s "
