@@ -225,18 +225,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     cfg = cls()
     if path is not None:
         data = read_yaml_with_bases(path)
-        merged = _deep_merge(to_dict(cfg), data, prefix="")
+        merged = _deep_merge(to_dict(cfg), data, prefix="", cls=cls)
         cfg = from_dict(cls, merged)
     return apply_overrides(cfg, overrides)
 
 
-def _deep_merge(base: dict, update: Mapping, prefix: str) -> dict:
+def _deep_merge(base: dict, update: Mapping, prefix: str, cls=None) -> dict:
+    """``update`` onto ``base`` key by key inside config sections (dataclasses of ``cls``); a field that
+    holds a mapping (e.g. ``data.caption_weights``) takes the file's mapping whole."""
     out = dict(base)
+    types_ = _field_types(cls) if cls is not None else {}
     for k, v in update.items():
         if k not in base:
             raise ConfigError(f"unknown config key {prefix + k!r}")
-        if isinstance(v, Mapping) and isinstance(base[k], dict):
-            out[k] = _deep_merge(base[k], v, prefix + k + ".")
+        tp = types_.get(k)
+        section = _is_dataclass_type(tp) if cls is not None else isinstance(base[k], dict)
+        if isinstance(v, Mapping) and isinstance(base[k], dict) and section:
+            out[k] = _deep_merge(base[k], v, prefix + k + ".", tp if cls is not None else None)
         else:
             out[k] = v
     return out

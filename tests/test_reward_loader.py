@@ -180,7 +180,7 @@ def test_unsafe_and_malformed_files(tmp_path):
 
 
 def test_cli_exit_statuses(hf_dir, tmp_path, capsys):
-    from converters import reward as conv
+    from converters.reward import __main__ as conv
 
     with pytest.raises(SystemExit) as e:
         conv.main(["--name", "nope", "--src", str(hf_dir), "--dst", str(tmp_path / "o")])
