@@ -30,12 +30,10 @@ arguments.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
