@@ -58,8 +58,9 @@ def torch_preprocess(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def random_ids(rng: np.random.Generator, batch: int, vocab: int = 99, eos: int = 98, length: int = TEXT_LEN) -> np.ndarray:
-    """Token ids ``(batch, length)``: bos 97, random words, eos, padding 1 (eos is the largest id after bos? no:
-    97 < 98, so eos is the argmax)."""
+    """Token ids ``(batch, length)``: bos 97, random words in [3, 90), ``eos``, then padding 1.
+
+    With the default ``eos=98`` the eos is the largest id, so argmax pooling (HF legacy, open_clip) picks it."""
     ids = np.ones((batch, length), np.int64)
     for b in range(batch):
         n = int(rng.integers(3, length - 2))
