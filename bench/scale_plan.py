@@ -252,8 +252,8 @@ def main(argv=None) -> int:
     # The run's own model config: the stage's dtype, float32 params (so float32 AdamW moments), remat,
     # attention kernel. model.init=random: a stage's init checkpoint has the named architecture.
     try:
-        train_cfg = load_train_config(args.config, [*args.overrides, "model.init=random"])
-        cfg, _ = transformer_config(train_cfg.model)
+        train_cfg = load_train_config(args.config, list(args.overrides))
+        cfg, _ = transformer_config(dataclasses.replace(train_cfg.model, init="random"))
         kernel = cfg.resolved_attention_kernel()
     except (ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
         cfg = cfg.replace(num_layers=args.layers)
     stage_kernels = {}
     for stage in sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml")):
-        scfg, _ = transformer_config(load_train_config(stage, ["model.init=random"]).model)
+        scfg, _ = transformer_config(dataclasses.replace(load_train_config(stage).model, init="random"))
         stage_kernels[stage.stem] = {b: scfg.resolved_attention_kernel(b) for b in ("cpu", "gpu", "tpu")}
         print(f"{stage.name:20s} model.attention_kernel={scfg.attention_kernel!r} -> "
               + ", ".join(f"{b}: {k}" for b, k in stage_kernels[stage.stem].items()), flush=True)
