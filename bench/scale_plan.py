@@ -41,6 +41,7 @@ Prints a table, then as its last line one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
