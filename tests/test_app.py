@@ -219,8 +219,9 @@ def test_sequential_offload_streams_one_block(server):
             if candidates and any(np.array_equal(np.asarray(a), c) for c in candidates):
                 n += a.nbytes
         resident.append(n)
-        host_kinds.update(a.sharding.memory_kind for a in jax.tree.leaves(nnx.state(pipe.transformer)))
+        host_kinds.update(a.sharding.memory_kind for a in jax.tree.leaves(nnx.state(transformer)))
 
+    transformer = pipe.transformer
     pipe.on_block = on_block
     streamed = pipe(PROMPT, **kw)
     assert len(resident) == 3 * num_layers
