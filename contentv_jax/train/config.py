@@ -136,13 +136,17 @@ class CheckpointSection:
     """Orbax CheckpointManager: a save every ``every`` steps (and at the end), the last ``keep`` kept,
     asynchronous when ``async_save``; ``resume`` restores the latest checkpoint of the run dir;
     ``export`` writes the final weights (EMA when enabled) as a transformer checkpoint to
-    ``<run_dir>/transformer`` (``load_transformer`` format: the next stage's ``model.init``)."""
+    ``<run_dir>/transformer`` (``load_transformer`` format: the next stage's ``model.init``).
+    Every checkpoint and export carries a manifest of per-file sha256 checksums; ``verify`` checks it
+    on resume (a damaged newest checkpoint is skipped, with a warning, for the newest intact one);
+    false skips the check (faster on trusted storage)."""
 
     every: int = 50
     keep: int = 2
     async_save: bool = True
     resume: bool = True
     export: bool = True
+    verify: bool = True
 
 
 @dataclasses.dataclass
