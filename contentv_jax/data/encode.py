@@ -303,6 +303,7 @@ def encode_dataset(
     max_height: int = 432,
     max_width: int = 768,
     max_clips_per_video: int | None = None,
+    images_per_video: int = 1,
     max_sequence_length: int = 256,
     latent_mode: str = "mode",
     embeds_dtype: str = "float32",
@@ -321,6 +322,9 @@ def encode_dataset(
       fps: clip frame rate (clips are resampled by frame index to it).
       max_frames, max_height, max_width: the stage's maximum shape (buckets: :func:`make_buckets`).
       max_clips_per_video: clips cut per video (default: every back-to-back clip that fits).
+      images_per_video: an image-only stage (``max_frames`` 1) takes this many frames of each video,
+        spread out evenly (the middle frames of equal segments), not one per frame at ``fps`` (which
+        would give about ``fps`` near-duplicates per second of video). Default 1: the middle frame.
       max_sequence_length: T5 tokens (256 for ContentV).
       latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed``, the file name and
         the clip number: the same with any sharding).
@@ -340,6 +344,8 @@ def encode_dataset(
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, num_shards={num_shards})")
+    if images_per_video < 1:
+        raise ValueError(f"images_per_video must be >= 1, got {images_per_video}")
     if latent_mode not in ("mode", "sample"):
         raise ValueError(f"latent_mode must be 'mode' or 'sample', got {latent_mode!r}")
     if embeds_dtype not in ("float32", "float16"):
@@ -400,9 +406,15 @@ def encode_dataset(
                         bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
                     else:  # an image-only stage (max_frames = 1): frames of videos are images
                         bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
-                    index_lists = [] if bucket is None else clip_frame_indices(
-                        info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
-                    )
+                    if bucket is None:
+                        index_lists = []
+                    elif not video_buckets:  # images_per_video frames, spread out over the video
+                        n = min(images_per_video, info.num_frames)
+                        index_lists = [np.array([int((k + 0.5) * info.num_frames / n)], np.int64) for k in range(n)]
+                    else:
+                        index_lists = clip_frame_indices(
+                            info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
+                        )
                     if not index_lists:
                         _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
                               f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
@@ -461,6 +473,7 @@ def encode_dataset(
         "format_version": FORMAT_VERSION,
         "fps": fps,
         "max_shape": [max_frames, max_height, max_width],
+        "images_per_video": images_per_video,
         "latent_mode": latent_mode,
         "text": {
             "max_sequence_length": max_sequence_length,
@@ -552,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
     p.add_argument("--max-width", type=int, default=768)
     p.add_argument("--max-clips-per-video", type=int, default=None)
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--images-per-video", type=int, default=1,
+                   help="image-only stage (--max-frames 1): frames taken per video, spread out evenly")
     p.add_argument("--latent-mode", choices=("mode", "sample"), default="mode")
     p.add_argument("--embeds-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--vae-batch-size", type=int, default=1)
@@ -564,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: no such file or directory")
     return encode_dataset(
         a.data, a.out, a.vae, a.text_encoders, fps=a.fps, max_frames=a.max_frames, max_height=a.max_height,
-        max_width=a.max_width, max_clips_per_video=a.max_clips_per_video,
+        max_width=a.max_width, max_clips_per_video=a.max_clips_per_video, images_per_video=a.images_per_video,
         max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
         vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
     )

@@ -69,7 +69,8 @@ class DataSection:
 
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
     ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
-    count and frames per video (at ``fps``). ``num_threads``: grain read threads.
+    count and frames per video (at ``fps``). ``num_threads``: grain read threads. ``images_per_video``:
+    an image-only stage (``buckets.max_frames`` 1) takes this many evenly spread frames per video.
     """
 
     dir: str = ""
@@ -79,6 +80,7 @@ class DataSection:
     num_synthetic: int = 16
     synthetic_frames: int = 24
     num_threads: int = 2
+    images_per_video: int = 1
 
 
 @dataclasses.dataclass
@@ -227,6 +229,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("model.latent_channels", f"must be >= 0, got {cfg.model.latent_channels}")
     if not cfg.data.dir and cfg.data.synthetic_frames < cfg.buckets.max_frames:
         err("data.synthetic_frames", f"must be >= buckets.max_frames={cfg.buckets.max_frames} for one clip per video")
+    if cfg.data.images_per_video < 1:
+        err("data.images_per_video", f"must be >= 1, got {cfg.data.images_per_video}")
     if cfg.data.fps <= 0:
         err("data.fps", f"must be > 0, got {cfg.data.fps}")
     o = cfg.optimizer
