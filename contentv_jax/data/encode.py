@@ -312,6 +312,7 @@ def encode_dataset(
     progress: bool = True,
     num_shards: int = 1,
     shard_index: int = 0,
+    run_id: str = "",
 ) -> EncodeStats:
     """Encode ``data_dir`` (videos/images + ``captions.jsonl``) into bucketed records under ``out_dir``.
 
@@ -334,6 +335,9 @@ def encode_dataset(
         shard_index`` (one process or machine per shard, same ``out_dir``); each shard writes its own
         record files and ``index.shard-SSSSS-of-NNNNN.json``; the shard that finds all shard indexes
         present writes the merged ``index.json`` (:func:`merge_shards` does it explicitly).
+      run_id: the encode run every shard of one sharded encode shares (required when ``num_shards``
+        > 1); each index records it, and only the shard indexes of this run are merged, so an index
+        left in ``out_dir`` by an earlier run is never merged into this one.
 
     Returns :class:`EncodeStats`; the summary is also printed. Raises FileNotFoundError when
     ``captions.jsonl`` is missing, ValueError for a bad option; bad files are skipped, never raised.
@@ -344,6 +348,9 @@ def encode_dataset(
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, num_shards={num_shards})")
+    if num_shards > 1 and not run_id:
+        raise ValueError("a sharded encode needs a run_id shared by all its shards (--run-id), so that shard "
+                         "indexes left by an earlier run are never merged into this one")
     if images_per_video < 1:
         raise ValueError(f"images_per_video must be >= 1, got {images_per_video}")
     if latent_mode not in ("mode", "sample"):
@@ -496,20 +503,31 @@ def encode_dataset(
             for k, b in sorted(bucket_of.items())
         },
         "shard": [shard_index, num_shards],
+        "run_id": run_id,
         "stats": dataclasses.asdict(stats),
     }
     if num_shards == 1:
         _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=1).encode())
     else:
         _atomic_write_bytes(out_dir / f"index{suffix}.json", json.dumps(index, indent=1).encode())
-        if all((out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json").is_file() for i in range(num_shards)):
-            merge_shards(out_dir, num_shards)
+        def ours(i):  # this run's index of shard i is present (not one left by an earlier run)
+            f = out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json"
+            try:
+                return json.loads(f.read_text()).get("run_id") == run_id
+            except (OSError, ValueError):
+                return False
+
+        if all(ours(i) for i in range(num_shards)):
+            merge_shards(out_dir, num_shards, run_id=run_id)
     print(stats.summary())
     return stats
 
 
-def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+def merge_shards(out_dir: str | os.PathLike, num_shards: int, *, run_id: str | None = None) -> dict[str, Any]:
     """Merge the ``num_shards`` shard indexes of ``out_dir`` into ``index.json`` (idempotent).
+
+    Every shard index must carry ``run_id`` (default: the run id of shard 0's index): a foreign one,
+    left by an earlier run, raises ValueError naming its file and both run ids.
 
     Bucket entries list the shards' record files in shard order; counts and skip lists are summed.
     Raises FileNotFoundError naming the missing shard indexes, ValueError when shards disagree on
@@ -521,6 +539,13 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"{out_dir}: shard indexes missing: {', '.join(missing)} (those shards did not finish)")
     shards = [json.loads(p.read_text()) for p in paths]
+    want = shards[0].get("run_id", "") if run_id is None else run_id
+    for path, sh in zip(paths, shards):
+        if sh.get("run_id", "") != want:
+            raise ValueError(
+                f"{path}: shard index of encode run {sh.get('run_id', '')!r}, not of run {want!r} "
+                "(left by an earlier run? re-encode that shard with this run's --run-id)"
+            )
     same = ("format_version", "fps", "max_shape", "latent_mode", "text")
     for k in same:
         if any(sh[k] != shards[0][k] for sh in shards):
@@ -537,6 +562,7 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
             buckets[k]["num_records"] += e["num_records"]
     merged["buckets"] = dict(sorted(buckets.items()))
     merged["shard"] = [0, 1]
+    merged["run_id"] = want
     stats = EncodeStats()
     for sh in shards:
         st = sh["stats"]
@@ -573,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1, help="split the caption lines over this many encode jobs")
     p.add_argument("--shard-index", type=int, default=0, help="this job's shard (0-based)")
+    p.add_argument("--run-id", default="", help="an id every shard of one sharded encode shares (required "
+                   "with --num-shards > 1): only this run's shard indexes are merged")
     a = p.parse_args(argv)
     for name in ("data", "vae", "text_encoders"):
         if not Path(getattr(a, name)).exists():
@@ -582,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
         max_width=a.max_width, max_clips_per_video=a.max_clips_per_video, images_per_video=a.images_per_video,
         max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
         vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
+        run_id=a.run_id,
     )
 
 
