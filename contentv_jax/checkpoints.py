@@ -45,6 +45,8 @@ __all__ = [
     "load_transformer",
     "load_vae",
     "read_our_config",
+    "verify_manifest",
+    "write_manifest",
     "run_weights",
     "save_checkpoint",
     "stored_abstract_state",
@@ -54,6 +56,68 @@ __all__ = [
 OUR_FORMAT = "contentv-jax"
 CONFIG_NAME = "config.json"
 STATE_DIR = "state"
+
+
+MANIFEST_NAME = "manifest.json"
+_HASH = "sha256"
+# Orbax's step metadata (timestamps; no weights) is rewritten when Orbax commits, after the manifest
+_UNLISTED = (MANIFEST_NAME, "_CHECKPOINT_METADATA")
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.new(_HASH)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> Path:
+    """Write ``directory/manifest.json``: size and sha256 of every other file under ``directory``
+    (except Orbax's ``_CHECKPOINT_METADATA``, which Orbax rewrites with its commit time).
+
+    Called on a checkpoint's temporary directory once every file is written and before the commit
+    rename, so a committed checkpoint always carries the manifest of exactly what was written.
+    Returns the manifest's path. The file is written to a temporary name and renamed.
+    """
+    d = Path(directory)
+    files = {}
+    for f in sorted(d.rglob("*")):
+        if f.is_file() and f.name not in _UNLISTED and not f.name.endswith(".manifest-tmp"):
+            files[f.relative_to(d).as_posix()] = {"size": f.stat().st_size, _HASH: _file_digest(f)}
+    tmp = d / (MANIFEST_NAME + ".manifest-tmp")
+    tmp.write_text(json.dumps({"algorithm": _HASH, "files": files}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, d / MANIFEST_NAME)
+    return d / MANIFEST_NAME
+
+
+def verify_manifest(directory: str | os.PathLike) -> None:
+    """Check every file listed in ``directory/manifest.json`` against its recorded size and sha256.
+
+    Raises:
+      CheckpointError: one line naming the checkpoint and the first file that is missing, truncated
+        (size differs) or damaged (checksum differs), or a missing / unreadable manifest (a checkpoint
+        written before manifests existed can be loaded with ``verify=False``).
+    """
+    d = Path(directory)
+    try:
+        manifest = json.loads((d / MANIFEST_NAME).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{d}: no {MANIFEST_NAME} (incomplete, or older than checksums; verify=False skips the check)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{d}: {MANIFEST_NAME} is unreadable") from None
+    for rel, want in sorted(files.items()):
+        f = d / rel
+        if not f.is_file():
+            raise CheckpointError(f"{d}: file {rel} is missing")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{d}: file {rel} is truncated or damaged ({size} bytes, {want['size']} written)")
+        if _file_digest(f) != want[_HASH]:
+            raise CheckpointError(f"{d}: file {rel} is damaged ({_HASH} checksum differs from the one written)")
 
 
 def _config_text(config: dict) -> str:
@@ -101,6 +165,7 @@ def save_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
         ckptr.wait_until_finished()
         ckptr.close()
         (tmp / CONFIG_NAME).write_text(_config_text(config))
+        write_manifest(tmp)
         commit_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,14 +197,15 @@ def export_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
         ckptr.save(tmp / STATE_DIR, state)
         ckptr.wait_until_finished()
 
-    def commit():
+    def commit():  # every process's shards are written (the collective save returned everywhere)
         (tmp / CONFIG_NAME).write_text(_config_text(config))
+        write_manifest(tmp)
         commit_dir(tmp, dst)
 
     run_on_main_then_all("export commit", commit if main else None)
 
 
-def load_checkpoint(path: str | os.PathLike, abstract_state):
+def load_checkpoint(path: str | os.PathLike, abstract_state, *, verify: bool = True):
     """Restore the state saved by :func:`save_checkpoint`.
 
     Args:
@@ -149,12 +215,17 @@ def load_checkpoint(path: str | os.PathLike, abstract_state):
     Returns:
       the restored state (same structure as ``abstract_state``); read the config with
       :func:`read_our_config`.
+      verify: check every file against the checkpoint's manifest first (:func:`verify_manifest`);
+        False skips it (faster for large checkpoints on trusted storage).
     Raises:
-      CheckpointError: ``path`` is not one of our checkpoints.
+      CheckpointError: ``path`` is not one of our checkpoints, or (``verify``) a file is missing,
+        truncated or damaged (named).
     """
     import orbax.checkpoint as ocp
 
     read_our_config(path)
+    if verify:
+        verify_manifest(path)
     ckptr = ocp.StandardCheckpointer()
     try:
         state = ckptr.restore(Path(path).absolute() / STATE_DIR, abstract_state)
@@ -194,7 +265,8 @@ def stored_abstract_state(path: str | os.PathLike, abstract_state: nnx.State) ->
 
 
 def load_sharded(
-    path: str | os.PathLike, factory: Callable[[], nnx.Module], mesh, rules: LogicalRules = DEFAULT_RULES
+    path: str | os.PathLike, factory: Callable[[], nnx.Module], mesh, rules: LogicalRules = DEFAULT_RULES,
+    *, verify: bool = True,
 ) -> nnx.Module:
     """Restore our Orbax checkpoint of ``factory()``'s state directly into its shardings on ``mesh``.
 
@@ -208,6 +280,7 @@ def load_sharded(
       process reads only the slices its own devices hold.
     Raises:
       FileNotFoundError: ``path`` does not exist.
+      CheckpointError: (``verify``, our checkpoints) a file is missing, truncated or damaged (named).
       ValueError (from Orbax): the checkpoint's tree or shapes do not match ``factory()``'s.
     """
     import orbax.checkpoint as ocp
@@ -216,6 +289,8 @@ def load_sharded(
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
     if (p / STATE_DIR).is_dir():
+        if verify and is_our_checkpoint(p):
+            verify_manifest(p)  # every process checks the files (they share one file system)
         p = p / STATE_DIR
     graphdef, target, _ = abstract_sharded(factory, mesh, rules)
     with ocp.StandardCheckpointer() as ckptr:
@@ -223,7 +298,8 @@ def load_sharded(
     return nnx.merge(graphdef, state)
 
 
-def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, **overrides):
+def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None,
+                     verify: bool = True, **overrides):
     """Load ``MMDiT`` from a diffusers-format directory or from our converted checkpoint.
 
     Args:
@@ -232,9 +308,11 @@ def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param
         (``python -m converters.from_diffusers --component transformer`` output).
       dtype: compute dtype name (default: the checkpoint's config, or float32 for diffusers dirs).
       param_dtype: parameters are cast to this dtype (default: as stored).
+      verify: check our checkpoint's files against its manifest (:func:`verify_manifest`); False skips it.
       overrides: other ``TransformerConfig`` fields (``remat_policy``, ``attention_kernel``).
     Raises:
-      CheckpointError: the checkpoint does not match its config.
+      CheckpointError: the checkpoint does not match its config, or a file is missing, truncated or
+        damaged (named).
       FileNotFoundError: ``path`` is neither format.
     """
     from contentv_jax.models.transformer import DTYPES, TransformerConfig, abstract_model
@@ -244,7 +322,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param
         cfg = TransformerConfig.from_dict(read_our_config(path))
         cfg = cfg.replace(**overrides, **({"dtype": dtype} if dtype else {}))
         graphdef, abstract_state = nnx.split(abstract_model(cfg))
-        model = nnx.merge(graphdef, load_checkpoint(path, abstract_state))
+        model = nnx.merge(graphdef, load_checkpoint(path, abstract_state, verify=verify))
     elif is_diffusers_dir(path):
         model = conv.load_diffusers(path, dtype=dtype or "float32", **overrides)
     else:
@@ -258,7 +336,7 @@ def load_transformer(path: str | os.PathLike, *, dtype: str | None = None, param
     return model
 
 
-def load_vae(path: str | os.PathLike, *, param_dtype="float32"):
+def load_vae(path: str | os.PathLike, *, param_dtype="float32", verify: bool = True):
     """Load a ``WanVAE`` from a diffusers-format VAE directory or our (Orbax) checkpoint.
 
     Args:
@@ -267,6 +345,7 @@ def load_vae(path: str | os.PathLike, *, param_dtype="float32"):
         ``python -m converters.from_diffusers --component vae``.
       param_dtype: the parameters' dtype (a name of ``contentv_jax.dtypes.DTYPES`` or a dtype), as
         ``param_dtype`` in :func:`load_transformer`; the VAE computes in its input's dtype.
+      verify: check our checkpoint's files against its manifest (:func:`verify_manifest`); False skips it.
     Raises:
       FileNotFoundError: ``path`` is not a directory.
       ValueError: neither format, or tensors missing / unexpected / mis-shaped
@@ -282,7 +361,7 @@ def load_vae(path: str | os.PathLike, *, param_dtype="float32"):
     if is_our_checkpoint(path):
         config = VAEConfig.from_diffusers(read_our_config(path))
         graphdef, abs_state = nnx.split(abstract_vae(config, dtype))
-        state = load_checkpoint(path, abs_state)
+        state = load_checkpoint(path, abs_state, verify=verify)
         state = jax.tree.map(lambda a: jnp.asarray(a, dtype), state)
         return nnx.merge(graphdef, state)
     if is_diffusers_dir(path):

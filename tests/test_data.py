@@ -218,8 +218,17 @@ def test_sharded_encode_reads_as_one(records, tmp_path):
     data = records.parent / "data"
     kw = dict(fps=8, max_frames=9, max_height=64, max_width=64, max_sequence_length=8, progress=False, num_shards=3)
     out = tmp_path / "sharded"
+    with pytest.raises(ValueError, match="run_id"):
+        encode_dataset(data, out, PoolingVAE(), text, shard_index=0, **kw)
+    # shard 0's index left by an earlier run: never merged into this one, refused when merging explicitly
+    encode_dataset(data, out, PoolingVAE(), text, shard_index=0, run_id="earlier", **kw)
+    kw["run_id"] = "now"
     for i in (2, 1):
         encode_dataset(data, out, PoolingVAE(), text, shard_index=i, **kw)
+    from contentv_jax.data.encode import merge_shards
+
+    with pytest.raises(ValueError, match=r"index.shard-00000-of-00003.json: shard index of encode run 'earlier'"):
+        merge_shards(out, 3, run_id="now")
     with pytest.raises(FileNotFoundError, match="index.shard-00001-of-00003.json"):
         read_index(out)  # shard 0 has not finished: no merged index yet
     encode_dataset(data, out, PoolingVAE(), text, shard_index=0, **kw)

@@ -213,13 +213,16 @@ def test_cli(tmp_path, shared_data, text, monkeypatch):
 
 
 def test_image_stage_batching_and_reencode(tmp_path, text):
-    """max_frames=1 (VAE adaptation): video frames become T=1 records; vae_batch_size does not change
-    records; re-encoding a directory replaces it."""
+    """max_frames=1 (VAE adaptation): a bounded number of evenly spread video frames become T=1 records
+    (default 1 per video, not one per frame at fps); vae_batch_size does not change records;
+    re-encoding a directory replaces it."""
     from contentv_jax.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "data", num_videos=2, num_frames=24, fps=8, sizes=((64, 64),))
     kw = dict(max_height=64, max_width=64, max_sequence_length=8, progress=False)
-    s1 = enc.encode_dataset(data, tmp_path / "img", PoolingVAE(), text, fps=2, max_frames=1, max_clips_per_video=3, **kw)
+    s0 = enc.encode_dataset(data, tmp_path / "img1", PoolingVAE(), text, fps=8, max_frames=1, **kw)
+    assert s0.records_per_bucket == {"f1_h64_w64": 2} and s0.num_skipped == 0  # default: 1 per video (not 24)
+    s1 = enc.encode_dataset(data, tmp_path / "img", PoolingVAE(), text, fps=2, max_frames=1, images_per_video=3, **kw)
     assert s1.records_per_bucket == {"f1_h64_w64": 6} and s1.num_skipped == 0
     from array_record.python.array_record_module import ArrayRecordReader
 
@@ -230,10 +233,11 @@ def test_image_stage_batching_and_reencode(tmp_path, text):
         return out
 
     recs = read(tmp_path / "img", "f1_h64_w64")
-    assert [r["meta"]["frame_indices"] for r in recs[:3]] == [[0], [4], [8]]  # 8 fps source sampled at 2 fps
+    assert [r["meta"]["frame_indices"] for r in recs[:3]] == [[4], [12], [20]]  # middles of 3 equal thirds of 24
+    assert [r["meta"]["frame_indices"] for r in read(tmp_path / "img1", "f1_h64_w64")] == [[12], [12]]
     frames = _pyav_frames(data / "video_000.mp4")
     vae = PoolingVAE()
-    x = frames[[4]].astype(np.float32) / 127.5 - 1
+    x = frames[[12]].astype(np.float32) / 127.5 - 1
     np.testing.assert_allclose(recs[1]["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-5)
 
     a = enc.encode_dataset(data, tmp_path / "v", PoolingVAE(), text, fps=8, max_frames=9, vae_batch_size=1, **kw)

@@ -343,6 +343,7 @@ def encode_dataset(
     max_height: int = 432,
     max_width: int = 768,
     max_clips_per_video: int | None = None,
+    images_per_video: int = 1,
     max_sequence_length: int = 256,
     latent_mode: str = "mode",
     embeds_dtype: str = "float32",
@@ -351,6 +352,7 @@ def encode_dataset(
     progress: bool = True,
     num_shards: int = 1,
     shard_index: int = 0,
+    run_id: str = "",
 ) -> EncodeStats:
     """Encode ``data_dir`` (videos/images + ``captions.jsonl``) into bucketed records under ``out_dir``.
 
@@ -361,6 +363,9 @@ def encode_dataset(
       fps: clip frame rate (clips are resampled by frame index to it).
       max_frames, max_height, max_width: the stage's maximum shape (buckets: :func:`make_buckets`).
       max_clips_per_video: clips cut per video (default: every back-to-back clip that fits).
+      images_per_video: an image-only stage (``max_frames`` 1) takes this many frames of each video,
+        spread out evenly (the middle frames of equal segments), not one per frame at ``fps`` (which
+        would give about ``fps`` near-duplicates per second of video). Default 1: the middle frame.
       max_sequence_length: T5 tokens (256 for ContentV).
       latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed``, the file name and
         the clip number: the same with any sharding).
@@ -370,6 +375,9 @@ def encode_dataset(
         shard_index`` (one process or machine per shard, same ``out_dir``); each shard writes its own
         record files and ``index.shard-SSSSS-of-NNNNN.json``; the shard that finds all shard indexes
         present writes the merged ``index.json`` (:func:`merge_shards` does it explicitly).
+      run_id: the encode run every shard of one sharded encode shares (required when ``num_shards``
+        > 1); each index records it, and only the shard indexes of this run are merged, so an index
+        left in ``out_dir`` by an earlier run is never merged into this one.
 
     Returns :class:`EncodeStats`; the summary is also printed. Raises FileNotFoundError when
     ``captions.jsonl`` is missing, ValueError for a bad option; bad files are skipped, never raised.
@@ -380,6 +388,11 @@ def encode_dataset(
 
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index {shard_index} not in [0, num_shards={num_shards})")
+    if num_shards > 1 and not run_id:
+        raise ValueError("a sharded encode needs a run_id shared by all its shards (--run-id), so that shard "
+                         "indexes left by an earlier run are never merged into this one")
+    if images_per_video < 1:
+        raise ValueError(f"images_per_video must be >= 1, got {images_per_video}")
     if latent_mode not in ("mode", "sample"):
         raise ValueError(f"latent_mode must be 'mode' or 'sample', got {latent_mode!r}")
     if embeds_dtype not in ("float32", "float16"):
@@ -441,9 +454,15 @@ def encode_dataset(
                         bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
                     else:  # an image-only stage (max_frames = 1): frames of videos are images
                         bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
-                    index_lists = [] if bucket is None else clip_frame_indices(
-                        info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
-                    )
+                    if bucket is None:
+                        index_lists = []
+                    elif not video_buckets:  # images_per_video frames, spread out over the video
+                        n = min(images_per_video, info.num_frames)
+                        index_lists = [np.array([int((k + 0.5) * info.num_frames / n)], np.int64) for k in range(n)]
+                    else:
+                        index_lists = clip_frame_indices(
+                            info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
+                        )
                     if not index_lists:
                         _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
                               f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
@@ -511,6 +530,7 @@ def encode_dataset(
         "format_version": FORMAT_VERSION,
         "fps": fps,
         "max_shape": [max_frames, max_height, max_width],
+        "images_per_video": images_per_video,
         "latent_mode": latent_mode,
         "text": {
             "max_sequence_length": max_sequence_length,
@@ -534,14 +554,22 @@ def encode_dataset(
             for k, b in sorted(bucket_of.items())
         },
         "shard": [shard_index, num_shards],
+        "run_id": run_id,
         "stats": dataclasses.asdict(stats),
     }
     if num_shards == 1:
         _atomic_write_bytes(out_dir / INDEX_NAME, json.dumps(index, indent=1).encode())
     else:
         _atomic_write_bytes(out_dir / f"index{suffix}.json", json.dumps(index, indent=1).encode())
-        if all((out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json").is_file() for i in range(num_shards)):
-            merge_shards(out_dir, num_shards)
+        def ours(i):  # this run's index of shard i is present (not one left by an earlier run)
+            f = out_dir / f"index.shard-{i:05d}-of-{num_shards:05d}.json"
+            try:
+                return json.loads(f.read_text()).get("run_id") == run_id
+            except (OSError, ValueError):
+                return False
+
+        if all(ours(i) for i in range(num_shards)):
+            merge_shards(out_dir, num_shards, run_id=run_id)
     print(stats.summary())
     return stats
 
@@ -559,8 +587,11 @@ def _concat_columns(a: dict, na: int, b: dict, nb: int) -> dict:
     return out
 
 
-def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
+def merge_shards(out_dir: str | os.PathLike, num_shards: int, *, run_id: str | None = None) -> dict[str, Any]:
     """Merge the ``num_shards`` shard indexes of ``out_dir`` into ``index.json`` (idempotent).
+
+    Every shard index must carry ``run_id`` (default: the run id of shard 0's index): a foreign one,
+    left by an earlier run, raises ValueError naming its file and both run ids.
 
     Bucket entries list the shards' record files in shard order; counts and skip lists are summed.
     Raises FileNotFoundError naming the missing shard indexes, ValueError when shards disagree on
@@ -572,6 +603,13 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"{out_dir}: shard indexes missing: {', '.join(missing)} (those shards did not finish)")
     shards = [json.loads(p.read_text()) for p in paths]
+    want = shards[0].get("run_id", "") if run_id is None else run_id
+    for path, sh in zip(paths, shards):
+        if sh.get("run_id", "") != want:
+            raise ValueError(
+                f"{path}: shard index of encode run {sh.get('run_id', '')!r}, not of run {want!r} "
+                "(left by an earlier run? re-encode that shard with this run's --run-id)"
+            )
     same = ("format_version", "fps", "max_shape", "latent_mode", "text")
     for k in same:
         if any(sh[k] != shards[0][k] for sh in shards):
@@ -590,6 +628,7 @@ def merge_shards(out_dir: str | os.PathLike, num_shards: int) -> dict[str, Any]:
             buckets[k]["fields"] = _concat_columns(buckets[k].get("fields", {}), n_before, e.get("fields", {}), e["num_records"])
     merged["buckets"] = dict(sorted(buckets.items()))
     merged["shard"] = [0, 1]
+    merged["run_id"] = want
     stats = EncodeStats()
     for sh in shards:
         st = sh["stats"]
@@ -618,21 +657,26 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
     p.add_argument("--max-width", type=int, default=768)
     p.add_argument("--max-clips-per-video", type=int, default=None)
     p.add_argument("--max-sequence-length", type=int, default=256)
+    p.add_argument("--images-per-video", type=int, default=1,
+                   help="image-only stage (--max-frames 1): frames taken per video, spread out evenly")
     p.add_argument("--latent-mode", choices=("mode", "sample"), default="mode")
     p.add_argument("--embeds-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--vae-batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1, help="split the caption lines over this many encode jobs")
     p.add_argument("--shard-index", type=int, default=0, help="this job's shard (0-based)")
+    p.add_argument("--run-id", default="", help="an id every shard of one sharded encode shares (required "
+                   "with --num-shards > 1): only this run's shard indexes are merged")
     a = p.parse_args(argv)
     for name in ("data", "vae", "text_encoders"):
         if not Path(getattr(a, name)).exists():
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: no such file or directory")
     return encode_dataset(
         a.data, a.out, a.vae, a.text_encoders, fps=a.fps, max_frames=a.max_frames, max_height=a.max_height,
-        max_width=a.max_width, max_clips_per_video=a.max_clips_per_video,
+        max_width=a.max_width, max_clips_per_video=a.max_clips_per_video, images_per_video=a.images_per_video,
         max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
         vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
+        run_id=a.run_id,
     )
 
 

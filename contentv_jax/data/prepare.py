@@ -116,6 +116,8 @@ def prepare(cfg: Any, model_config=None) -> Prepared:
     d, b = cfg.data, cfg.buckets
     cache = cache_dir(cfg)
     want = {"fps": d.fps, "max_shape": [b.max_frames, b.max_height, b.max_width], "max_sequence_length": cfg.text.max_length}
+    if b.max_frames == 1:
+        want["images_per_video"] = d.images_per_video
     data_dir = Path(d.dir) if d.dir else Path(cfg.run_dir).absolute() / "data"
 
     def encode():
@@ -124,6 +126,8 @@ def prepare(cfg: Any, model_config=None) -> Prepared:
             index = read_index(cache)
             have = {"fps": index["fps"], "max_shape": index["max_shape"],
                     "max_sequence_length": index["text"]["max_sequence_length"]}
+            if b.max_frames == 1:
+                have["images_per_video"] = index.get("images_per_video")
             if have != want:
                 warnings.warn(f"encoded cache {cache} was made with {have}, this run needs {want}: re-encoding")
         if have == want:
@@ -144,6 +148,7 @@ def prepare(cfg: Any, model_config=None) -> Prepared:
         encode_dataset(
             data_dir, cache, v, text, fps=d.fps, max_frames=b.max_frames, max_height=b.max_height,
             max_width=b.max_width, max_sequence_length=cfg.text.max_length, seed=cfg.seed,
+            images_per_video=d.images_per_video,
             progress=cfg.logging.progress_bar,
         )
 

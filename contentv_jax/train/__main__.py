@@ -66,6 +66,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary = trainer.run()
+    if not trainer.main and summary["status"].startswith("interrupted"):
+        import jax
+
+        print(f"process {jax.process_index()}: {summary['status']} at step {summary['final_step']}")
     if cfg.mode == "rlhf":
         if trainer.main:
             r = summary["rewards"]

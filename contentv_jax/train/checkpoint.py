@@ -7,6 +7,11 @@ each leaf's key path, so the weights alone can be read back, e.g. to sample an i
 ``contentv_jax.runs.load_checkpoint_transformer``). Saves are asynchronous (``async_save``); Orbax
 commits a step atomically (a temporary directory renamed on completion), so a killed run resumes from
 the last committed step. Orbax coordinates hosts itself (the primary host writes metadata).
+
+Integrity: once every host has written its files and before Orbax renames the temporary step
+directory, the primary host writes ``manifest.json`` (size and sha256 of every file,
+``contentv_jax.checkpoints.write_manifest``) into it; :meth:`TrainCheckpointer.restore` verifies it
+by default, naming a missing, truncated or damaged file (``verify=False`` skips the check).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from contentv_jax.checkpoints import verify_manifest, write_manifest
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directory: <step> + this, renamed on commit
 
 
 def _leaves_dict(tree) -> tuple[dict[str, Any], Any]:
@@ -53,10 +62,15 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self._async = async_save
+        self._saving: int | None = None
+        # always Orbax's asynchronous path (its post-finalization hook runs on the primary host after
+        # every host's writes and before the commit rename); async_save=False then waits after each save
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=every,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "paths"), options=options)
@@ -74,7 +88,11 @@ class TrainCheckpointer:
         Returns whether a save was started (``force`` saves off the interval, e.g. at the end or on SIGTERM).
         """
         leaves, _ = _leaves_dict(state)
-        return self._manager.save(
+        if not (force or self._manager.should_save(step)):
+            return False
+        self._manager.wait_until_finished()  # one save in flight: the manifest hook knows its step
+        self._saving = step
+        started = self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state)),
@@ -82,12 +100,26 @@ class TrainCheckpointer:
             ),
             force=force,
         )
+        if started and not self._async:
+            self._manager.wait_until_finished()
+        return started
 
-    def restore(self, step: int, template):
+    def _write_manifest(self) -> None:
+        """Orbax's post-finalization hook (primary host, all hosts' files written, not yet renamed)."""
+        if self._saving is None:
+            return
+        tmp = self.directory / f"{self._saving}{_TMP_SUFFIX}"
+        if tmp.is_dir():
+            write_manifest(tmp)
+
+    def restore(self, step: int, template, *, verify: bool = True):
         """Restore ``step`` into the structure, dtypes and shardings of ``template`` (a pytree of arrays).
 
-        Returns ``(state, data_state)``. Raises ValueError when the saved leaves do not match the template's.
+        Returns ``(state, data_state)``. Raises CheckpointError (``verify``: a file missing, truncated
+        or damaged, named) and ValueError when the saved leaves do not match the template's.
         """
+        if verify:
+            verify_manifest(self.directory / str(step))
         abstract, treedef = _leaves_dict(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         )

@@ -75,7 +75,8 @@ class DataSection:
 
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
     ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
-    count and frames per video (at ``fps``). ``num_threads``: grain read threads.
+    count and frames per video (at ``fps``). ``num_threads``: grain read threads. ``images_per_video``:
+    an image-only stage (``buckets.max_frames`` 1) takes this many evenly spread frames per video.
     ``caption_weights``: with several captions per clip (``captions.jsonl``'s ``captions`` list,
     ``short_caption``, ``long_caption``), the draw weight of each kind (``caption``, ``short``, ``long``),
     e.g. ``{short: 0.5, long: 0.5}`` as in the report's SFT (section 6.1); empty: every caption equally
@@ -92,6 +93,7 @@ class DataSection:
     num_synthetic: int = 16
     synthetic_frames: int = 24
     num_threads: int = 2
+    images_per_video: int = 1
     caption_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     filter: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -151,13 +153,17 @@ class CheckpointSection:
     """Orbax CheckpointManager: a save every ``every`` steps (and at the end), the last ``keep`` kept,
     asynchronous when ``async_save``; ``resume`` restores the latest checkpoint of the run dir;
     ``export`` writes the final weights (EMA when enabled) as a transformer checkpoint to
-    ``<run_dir>/transformer`` (``load_transformer`` format: the next stage's ``model.init``)."""
+    ``<run_dir>/transformer`` (``load_transformer`` format: the next stage's ``model.init``).
+    Every checkpoint and export carries a manifest of per-file sha256 checksums; ``verify`` checks it
+    on resume (a damaged newest checkpoint is skipped, with a warning, for the newest intact one);
+    false skips the check (faster on trusted storage)."""
 
     every: int = 50
     keep: int = 2
     async_save: bool = True
     resume: bool = True
     export: bool = True
+    verify: bool = True
 
 
 @dataclasses.dataclass
@@ -311,6 +317,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("model.latent_channels", f"must be >= 0, got {cfg.model.latent_channels}")
     if not cfg.data.dir and cfg.data.synthetic_frames < cfg.buckets.max_frames:
         err("data.synthetic_frames", f"must be >= buckets.max_frames={cfg.buckets.max_frames} for one clip per video")
+    if cfg.data.images_per_video < 1:
+        err("data.images_per_video", f"must be >= 1, got {cfg.data.images_per_video}")
     if cfg.data.fps <= 0:
         err("data.fps", f"must be > 0, got {cfg.data.fps}")
     o = cfg.optimizer

@@ -357,12 +357,37 @@ class Trainer:
         )
         self.preview = self._preview()
         self.start_step = 0
-        latest = self.ckpt.latest_step() if cfg.checkpoint.resume else None
-        if latest is not None:
-            self.state, data_state = self.ckpt.restore(latest, self.state)
-            self.data_iter.set_state(data_state)
-            self.start_step = latest
+        self.resume_skipped: list[dict] = []
+        if cfg.checkpoint.resume:
+            self._resume()
         return self
+
+    def _resume(self) -> None:
+        """Restore the newest intact checkpoint of the run dir (each verified against its manifest
+        unless ``checkpoint.verify`` is false). A damaged newer one is skipped with a warning naming
+        its step and why (also logged to ``metrics.jsonl`` when the run starts); when every checkpoint
+        is damaged, CheckpointError lists them (never a silent fresh start)."""
+        import sys
+
+        for step in sorted(self.ckpt.all_steps(), reverse=True):
+            try:
+                state, data_state = self.ckpt.restore(step, self.state, verify=self.cfg.checkpoint.verify)
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint of any kind: try the previous one
+                reason = " ".join(str(e).split())[:400] or type(e).__name__
+                self.resume_skipped.append({"step": step, "reason": reason})
+                continue
+            self.state, self.start_step = state, step
+            self.data_iter.set_state(data_state)
+            if self.resume_skipped and self.main:
+                skipped = "; ".join(f"step {d['step']}: {d['reason']}" for d in self.resume_skipped)
+                print(f"warning: resumed from step {step}, the newest intact checkpoint in {self.ckpt.directory}; "
+                      f"skipped damaged {skipped}", file=sys.stderr, flush=True)
+            return
+        if self.resume_skipped:
+            raise checkpoints.CheckpointError(
+                f"no intact checkpoint in {self.ckpt.directory}: "
+                + "; ".join(f"step {d['step']}: {d['reason']}" for d in self.resume_skipped)
+            )
 
     def export_model(self) -> nnx.Module:
         """The model with the weights the run exports (the EMA when enabled, else the parameters), as sharded."""
@@ -505,6 +530,9 @@ class Trainer:
         bar = ProgressBar(cfg.steps, self.start_step, enabled=self.main and cfg.logging.progress_bar)
         stop_requested, restore_handler = self._stop_check()
         hook = _test_sigterm_step()
+        for d in getattr(self, "resume_skipped", []):
+            logger.event(self.start_step, event="damaged_checkpoint_skipped", damaged_step=d["step"], reason=d["reason"],
+                         resumed_from=self.start_step)
         step = self.start_step
         last_saved = self.start_step if self.start_step in self.ckpt.all_steps() else None
         counts = {"nonfinite": 0}
