@@ -162,7 +162,7 @@ class Settings:
 
 def resolution_presets() -> dict[str, tuple[int, int]]:
     """Label -> (height, width): the report's seven aspect buckets at the 480p area of 432x768 (ContentV
-    report (arXiv 2506.05343), section 3.3, via ``contentv_jax.train.buckets.make_buckets``) and the tiny
+    report (arXiv 2506.05343), section 5.3, via ``contentv_jax.data.buckets.make_buckets``) and the tiny
     demo's 64x64."""
     from contentv_jax.data.buckets import make_buckets
 

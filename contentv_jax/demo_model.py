@@ -4,7 +4,7 @@ It holds the parts the default training run (``python -m contentv_jax.train``, `
 builds for itself: the tiny text encoders (``contentv_jax.text.build_tiny_text_encoders`` sized for the tiny
 transformer), the tiny Wan VAE (``contentv_jax.models.vae.get_config("tiny")``), and a randomly initialised
 tiny MM-DiT (``transformer.get_config("tiny")`` on the 16-channel Wan latent space, bfloat16 compute), each
-written by our real save code (``converters.common.save_checkpoint``, as the trainer's export), plus
+written by our real save code (``contentv_jax.checkpoints.save_checkpoint``, as the trainer's export), plus
 ``scheduler/scheduler_config.json`` with the sampling flow shift. Its videos are noise: it exists so that
 the web UI and the sampler work on a fresh machine.
 

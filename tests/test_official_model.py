@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from contentv_jax.models.transformer import load_transformer
+from contentv_jax.checkpoints import load_transformer
 from tests import transformer_ref as ref
 from tests.contentv_official import OfficialSD3Transformer3DModel
 
