@@ -20,7 +20,7 @@ For each run it reports:
     python bench/scale_plan.py --config configs/train/sft.yaml --verify-mesh none   # the SFT rows
     python bench/scale_plan.py --rlhf 1,4 --resolutions rlhf --splits "2,16,8;4,8,8" --verify-mesh none
 
-RLHF rows (``--rlhf K,...``; ContentV report section 3.2): the whole RLHF step of
+RLHF rows (``--rlhf K,...``; ContentV report section 6.2): the whole RLHF step of
 ``contentv_jax.train.rlhf.make_rlhf_step`` at 29x432x768 (8 x 27 x 48 = 10,368 video tokens) with the MPS reward
 (ViT-H/14 CLIP + cross-attention head) and the Wan2.1 VAE decoding the first latent frame: the N-step rollout
 (``--rlhf-steps``, CFG batched: 2B per forward), the reward gradient, k VJPs one at a time, AdamW. Closed-form

@@ -3,7 +3,7 @@
 Sampling as ``ContentVPipeline.__call__`` (github bytedance/ContentV, ``contentv_pipeline.py``): diffusers'
 ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=np.linspace(1, 0, N + 1)[:-1])``, the conditional and
 unconditional transformer passes one after the other, ``scheduler.step``. RLHF as the ContentV report (arXiv
-2506.05343) section 3.2 describes it: on the chosen steps the transformer runs with gradient on its input
+2506.05343) section 6.2 describes it: on the chosen steps the transformer runs with gradient on its input
 ``latents.detach()`` (the other steps under ``torch.no_grad``), the first latent frame is decoded by
 ``AutoencoderKLWan`` (``latents / (1 / std) + mean``, then diffusers' post-processing), a reward scores it and
 ``loss.backward()`` gives the parameter gradient. Layout is the official one: latents (B, C, T, H, W).

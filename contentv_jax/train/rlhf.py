@@ -1,6 +1,6 @@
 """Reward-gradient fine-tuning (RLHF) of the MM-DiT: gradients of a differentiable reward through k sampling steps.
 
-ContentV report (arXiv 2506.05343), section 3.2, Eq. 3 and Fig. 8: videos are sampled with N Euler steps
+ContentV report (arXiv 2506.05343), section 6.2, Eq. 3 and Fig. 8: videos are sampled with N Euler steps
 (classifier-free guidance as at sampling); on k of the steps, chosen at random, the model's parameters carry
 gradient while its input is stop-gradiented (DRTune, arXiv 2405.00760, with random instead of evenly spaced
 steps); only the first latent frame is decoded (the Wan VAE is causal); a reward model scores it and the
@@ -46,7 +46,7 @@ VAE_TEMPORAL_FACTOR = 4
 
 @dataclasses.dataclass
 class RLHFSection:
-    """The RLHF step (ContentV report, section 3.2).
+    """The RLHF step (ContentV report, section 6.2).
 
     ``num_steps``: Euler sampling steps N of the rollout. ``k``: steps that carry gradient, 1 <= k <= N.
     ``mode``: ``random`` | ``uniform`` | ``last`` | ``chain`` (see the module docstring).

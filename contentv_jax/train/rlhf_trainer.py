@@ -2,7 +2,7 @@
 
 Shares the :class:`contentv_jax.train.trainer.Trainer`'s mesh, model loading, float32 master weights, optimizer,
 Orbax checkpoints, logging, SIGTERM handling and resume; replaces its data with prompts and its step with
-:func:`contentv_jax.train.rlhf.make_rlhf_step` (ContentV report, arXiv 2506.05343, section 3.2).
+:func:`contentv_jax.train.rlhf.make_rlhf_step` (ContentV report, arXiv 2506.05343, section 6.2).
 
 Prompts (``--prompts FILE`` / ``prompts``): one per line, or JSONL lines with a ``"prompt"`` (or ``"caption"``)
 field; encoded once with the SD3 text encoders (as the encode stage does) and cached in
