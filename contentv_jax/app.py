@@ -198,7 +198,7 @@ class App:
             Path(s.model).expanduser(),
             dtype=s.dtype,
             mesh=self.mesh,
-            attention_kernel="chunked" if s.chunked_attention else None,
+            attention_kernel="chunked" if s.chunked_attention else "auto",  # as the sampling CLI
             offload=s.offload,
         )
         self.pipe, self.pipe_key = pipe, key

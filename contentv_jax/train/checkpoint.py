@@ -66,9 +66,15 @@ class TrainCheckpointer:
         self._saving: int | None = None
         # always Orbax's asynchronous path (its post-finalization hook runs on the primary host after
         # every host's writes and before the commit rename); async_save=False then waits after each save
+        # saves on the interval (and at JAX's preemption sync point), not also at the first step as
+        # Orbax's default policy does: the checkpoints of a run are exactly steps k * every
+        from orbax.checkpoint import checkpoint_managers as policies
+
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            save_interval_steps=every,
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
+            ),
             enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             create=True,
