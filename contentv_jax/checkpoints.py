@@ -136,7 +136,8 @@ def is_our_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_our_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` of our checkpoint, without the ``_format`` marker.
+    """The ``config.json`` of our checkpoint, without its metadata keys (those starting with ``_``: the
+    ``_format`` marker, an export's ``_exported_weights`` / ``_ema`` record, ...).
 
     Raises:
       CheckpointError: ``path`` is not one of our checkpoints.
@@ -145,8 +146,7 @@ def read_our_config(path: str | os.PathLike) -> dict:
     if not is_our_checkpoint(p):
         raise CheckpointError(f"{p}: not a contentv-jax checkpoint (config.json with _format={OUR_FORMAT!r} and state/)")
     cfg = json.loads((p / CONFIG_NAME).read_text())
-    cfg.pop("_format", None)
-    return cfg
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
 def save_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
