@@ -120,7 +120,9 @@ def test_two_processes_equal_one(tmp_path):
     assert [g["rows"] for g in got] == [[0, 2], [2, 4]]  # each process holds its half of the batch
     assert ref["processes"] == 1
     sq_ref = np.asarray(ref["grad_sq"], np.float64)
-    assert np.all(sq_ref > 0), "every parameter has a gradient"
+    # zero-initialised layers (AdaLN-zero modulation) have exactly zero gradient at the first step; the
+    # per-leaf comparisons below then require exact zeros on both sides
+    assert (sq_ref > 0).mean() > 0.8, "most parameters have a gradient"
     for g in got:
         assert abs(g["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
         assert abs(g["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"]
