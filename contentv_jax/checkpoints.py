@@ -135,9 +135,14 @@ def is_our_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+# The keys contentv-jax itself writes into a checkpoint's config.json besides the model's config.
+METADATA_KEYS = frozenset({"_format", "_exported_weights", "_ema"})
+
+
 def read_our_config(path: str | os.PathLike) -> dict:
-    """The ``config.json`` of our checkpoint, without its metadata keys (those starting with ``_``: the
-    ``_format`` marker, an export's ``_exported_weights`` / ``_ema`` record, ...).
+    """The ``config.json`` of our checkpoint, without the keys we add to it (:data:`METADATA_KEYS`: the
+    ``_format`` marker, an export's ``_exported_weights`` / ``_ema`` record). Other keys, a diffusers
+    config's ``_class_name`` / ``_diffusers_version`` included, are returned as stored.
 
     Raises:
       CheckpointError: ``path`` is not one of our checkpoints.
@@ -146,7 +151,7 @@ def read_our_config(path: str | os.PathLike) -> dict:
     if not is_our_checkpoint(p):
         raise CheckpointError(f"{p}: not a contentv-jax checkpoint (config.json with _format={OUR_FORMAT!r} and state/)")
     cfg = json.loads((p / CONFIG_NAME).read_text())
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return {k: v for k, v in cfg.items() if k not in METADATA_KEYS}
 
 
 def save_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
