@@ -189,11 +189,10 @@ def part_attention(sh, args) -> dict:
 
 
 def part_vae(sh, args) -> dict:
-    from flax import nnx
 
-    from contentv_jax.models.vae import WanVAE, get_config
+    from contentv_jax.models.vae import get_config, init_vae
 
-    vae = WanVAE(get_config(sh["vae"]), rngs=nnx.Rngs(0))
+    vae = init_vae(get_config(sh["vae"]))
     t, h, w = sh["latent"]
     z = jnp.asarray(np.random.default_rng(0).standard_normal((1, t, h, w, 16)), jnp.float32)
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ def build_demo_model(dst: str | os.PathLike, *, seed: int = SEED) -> Path:
     from contentv_jax import scheduler as flow
     from contentv_jax.atomic import atomic_dir
     from contentv_jax.models import transformer as T
-    from contentv_jax.models.vae import WanVAE
+    from contentv_jax.models.vae import init_vae
     from contentv_jax.models.vae import get_config as vae_config
     from contentv_jax.text import build_tiny_text_encoders
     from contentv_jax.checkpoints import save_checkpoint
@@ -71,7 +71,7 @@ def build_demo_model(dst: str | os.PathLike, *, seed: int = SEED) -> Path:
         model = T.init_model(cfg, seed=seed)
         save_checkpoint(tmp / "transformer", nnx.state(model), cfg.to_dict())
         vcfg = vae_config("tiny")
-        vae = nnx.jit(lambda: WanVAE(vcfg, rngs=nnx.Rngs(seed + 1)))()  # one compiled init, not op by op
+        vae = init_vae(vcfg, seed=seed + 1)
         save_checkpoint(tmp / "vae", nnx.state(vae, nnx.Param), vcfg.to_diffusers())
         (tmp / "scheduler").mkdir()
         scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": flow.DEFAULT_SAMPLING_SHIFT}

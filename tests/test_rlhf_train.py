@@ -8,15 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from contentv_jax.config import ConfigError
 from contentv_jax.train.config import load_train_config
+from contentv_jax.train.trainer import TEST_SIGNAL_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "rlhf_tiny.yaml"
@@ -107,13 +109,9 @@ def test_learns_tiny_clip_reward(tmp_path, prompts_file):
 
 # ------------------------------------------------------------------------------------------------ resume and mesh
 def _final_params(run_dir):
-    from contentv_jax.train.checkpoint import TrainCheckpointer
-
-    ck = TrainCheckpointer(Path(run_dir) / "checkpoints", every=1, keep=10, async_save=False)
-    step = ck.latest_step()
-    restored = ck._manager.restore(step)
-    ck.close()
-    return step, restored["state"]
+    """(latest step, {leaf key: array}) of a run's newest checkpoint, read with Orbax directly."""
+    steps = sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
+    return steps[-1], ocp.StandardCheckpointer().restore(Path(run_dir) / "checkpoints" / str(steps[-1]) / "state")
 
 
 def _events(run_dir):
@@ -130,20 +128,11 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, prompts_file):
     full = subprocess.run(cmd + [f"run_dir={tmp_path / 'full'}", *common], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=1200)
     assert full.returncode == 0, full.stderr[-2000:]
-    # the interrupted run: SIGKILL once step 4 is committed (Orbax renames the step directory when complete)
-    proc = subprocess.Popen(cmd + [f"run_dir={tmp_path / 'cut'}", *common], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 1200
-        while not (tmp_path / "cut" / "checkpoints" / "4").is_dir():
-            assert proc.poll() is None, "the run ended before its step-4 checkpoint"
-            assert time.monotonic() < deadline, "no step-4 checkpoint within the timeout"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    # the interrupted run: the trainer's test-only hook SIGKILLs it right after checkpoint 4 is committed
+    cut = subprocess.run(cmd + [f"run_dir={tmp_path / 'cut'}", *common], env={**env, TEST_SIGNAL_ENV: "4:SIGKILL"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert cut.returncode == -signal.SIGKILL, (cut.returncode, cut.stderr[-2000:])
+    assert (tmp_path / "cut" / "checkpoints" / "4").is_dir() and not (tmp_path / "cut" / "checkpoints" / "6").exists()
     resumed = subprocess.run(cmd + [f"run_dir={tmp_path / 'cut'}", *common], env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -168,11 +157,17 @@ def test_mesh_222_step_equals_single_device(tmp_path, prompts_file):
     mesh = RLHFTrainer(_cfg(tmp_path / "mesh", prompts_file, *over, "mesh.data=2", "mesh.fsdp=2", "mesh.sequence=2"),
                        devices=jax.devices()[:8]).setup()
     m8 = mesh.train_step(mesh.batch_for(0)[0])
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(one.state["params"]))])
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(mesh.state["params"]))])
-    err = float(np.abs(a - b).max() / np.abs(a).max())
+    # The gradients, leaf by leaf: Adam's first moment after one step is (1 - b1) * gradient. (The parameters
+    # themselves are no test at step 1: Adam's first update is lr * sign(gradient), so a gradient of 1e-9
+    # moves by lr either way whatever its rounding.)
+    def moments(t):
+        (mu,) = [v for _, v in optax.tree_utils.tree_get_all_with_path(jax.device_get(t.state["opt_state"]), "mu")]
+        return [np.asarray(x, np.float64) for x in jax.tree.leaves(mu)]
+
+    errs = [float(np.linalg.norm(x - y) / np.linalg.norm(x)) for x, y in zip(moments(one), moments(mesh))
+            if np.linalg.norm(x) > 0]
     print(f"(2,2,2) vs 1 device: reward {m8['reward_mean']:.6f} vs {m1['reward_mean']:.6f}, grad norm "
-          f"{m8['grad_norm']:.6e} vs {m1['grad_norm']:.6e}, params max rel diff {err:.2e}")
+          f"{m8['grad_norm']:.6e} vs {m1['grad_norm']:.6e}, gradient leaves' largest relative L2 diff {max(errs):.2e}")
     assert m1["chosen_steps"] == m8["chosen_steps"]
     assert abs(m8["grad_norm"] - m1["grad_norm"]) <= 1e-5 * abs(m1["grad_norm"])
-    assert err <= 1e-5
+    assert len(errs) > 0.8 * len(moments(one)) and max(errs) <= 2e-5  # measured 5.4e-6

@@ -79,7 +79,7 @@ def vae(cfg: Any):
       ConfigError: naming ``vae.name`` for an unknown VAE config.
     """
     from contentv_jax.checkpoints import load_vae, save_checkpoint
-    from contentv_jax.models.vae import WanVAE, get_config
+    from contentv_jax.models.vae import get_config, init_vae
 
     v = cfg.vae
     if v.path:
@@ -90,7 +90,7 @@ def vae(cfg: Any):
             vcfg = get_config(v.name)
         except ValueError as e:
             raise ConfigError(f"config key 'vae.name': {e}") from None
-        model = WanVAE(vcfg, rngs=nnx.Rngs(cfg.seed + 1))
+        model = init_vae(vcfg, seed=cfg.seed + 1)
         save_checkpoint(dst, nnx.state(model, nnx.Param), vcfg.to_diffusers())
     return load_vae(dst)
 

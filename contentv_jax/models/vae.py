@@ -205,11 +205,24 @@ class _Cache:
         self.new.append(value)
 
 
+def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, bound: float) -> jax.Array:
+    """U(-bound, bound) of ``shape`` from the ``params`` stream of ``rngs``.
+
+    The VAE is frozen (only ever loaded from a checkpoint or built at random for tests), so its random init
+    needs no JAX random program: a concrete key seeds NumPy (milliseconds) where ``jax.random.uniform`` would
+    compile one threefry program per parameter shape (about a minute for the tiny VAE on 2 CPU cores). Under
+    ``nnx.eval_shape`` / ``jit`` (a traced key) it stays ``jax.random.uniform``, which costs nothing there.
+    """
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    return jnp.asarray(np.random.default_rng(seed).uniform(-bound, bound, shape).astype(np.float32), dtype)
+
+
 def _init_conv(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
     # torch's default Conv init: kaiming_uniform(a=sqrt(5)) -> U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    fan_in = math.prod(shape[:-1])
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
+    return _uniform(rngs, shape, dtype, 1.0 / math.sqrt(math.prod(shape[:-1])))
 
 
 class CausalConv3d(nnx.Module):
@@ -231,7 +244,7 @@ class CausalConv3d(nnx.Module):
         self.kernel = _param(_init_conv(rngs, (*kernel, cin, cout), param_dtype), _CONV_NAMES_3D)
         bound = 1.0 / math.sqrt(math.prod(kernel) * cin)
         self.bias = _param(
-            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), ("conv_out",)
+            _uniform(rngs, (cout,), param_dtype, bound), ("conv_out",)
         )
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -265,7 +278,7 @@ class Conv2d(nnx.Module):
         )
         bound = 1.0 / math.sqrt(kernel * kernel * cin)
         self.bias = _param(
-            jax.random.uniform(rngs.params(), (cout,), param_dtype, -bound, bound), ("conv_out",)
+            _uniform(rngs, (cout,), param_dtype, bound), ("conv_out",)
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -831,6 +844,12 @@ class WanVAE(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
+
+
+def init_vae(config: VAEConfig, seed: int = 0, param_dtype=jnp.float32) -> WanVAE:
+    """A randomly initialised :class:`WanVAE` (torch's default Conv3d / Conv2d init, uniform in
+    +-1/sqrt(fan_in)); ``WanVAE(config, rngs=nnx.Rngs(seed))``, named for the tiny-asset and benchmark code."""
+    return WanVAE(config, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
 
 
 def abstract_vae(config: VAEConfig, param_dtype=jnp.float32) -> WanVAE:

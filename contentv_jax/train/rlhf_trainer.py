@@ -38,7 +38,7 @@ from contentv_jax.train import rlhf
 from contentv_jax.train.checkpoint import TrainCheckpointer
 from contentv_jax.train.metrics import MetricsLogger, ProgressBar
 from contentv_jax.train.optim import learning_rate_schedule, make_optimizer
-from contentv_jax.train.trainer import DTYPES, Trainer, _atomic_write
+from contentv_jax.train.trainer import DTYPES, Trainer, _atomic_write, _test_signal_after_step
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -373,7 +373,8 @@ class RLHFTrainer(Trainer):
                 bar.update(1, reward=m["reward_mean"])
                 if every and step % every == 0:
                     do_eval(step)
-                self.ckpt.save(step, self.state, {"step": step, "num_prompts": len(self.train_texts)})
+                saved = self.ckpt.save(step, self.state, {"step": step, "num_prompts": len(self.train_texts)})
+                _test_signal_after_step(step, saved, self.ckpt)  # test-only; a no-op unless its env var is set
                 if stop["sigterm"]:
                     status = "interrupted by SIGTERM (checkpoint saved)"
                     break
