@@ -62,6 +62,7 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(directory).absolute()
+        self.every = every
         self._async = async_save
         self._saving: int | None = None
         # always Orbax's asynchronous path (its post-finalization hook runs on the primary host after
@@ -80,6 +81,10 @@ class TrainCheckpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "paths"), options=options)
+
+    def on_interval(self, step: int) -> bool:
+        """Whether ``step`` is one of the interval's checkpoints (``step % every == 0``); preemption saves aside."""
+        return step % self.every == 0
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""

@@ -574,6 +574,8 @@ class Trainer:
                 ok = True if pending is None else record(*pending)
                 pending = (step, metrics, latent_tokens(batch["latents"].shape),
                            train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1]))
+                if ok and self.ckpt.on_interval(step):  # a checkpoint's step is logged before it is committed
+                    ok, pending = record(*pending), None
                 if not ok:
                     status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
                     break
