@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from contentv_jax.atomic import commit_dir, tmp_sibling
@@ -154,18 +155,30 @@ def read_our_config(path: str | os.PathLike) -> dict:
     return {k: v for k, v in cfg.items() if k not in METADATA_KEYS}
 
 
+def _this_process_checkpointer():
+    """An Orbax ``StandardCheckpointer`` whose barriers involve this process only: a save or load by one
+    process of a multi-process job (the others never join it), e.g. the tiny VAE or a replicated load."""
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"process_{me}_alone"))
+
+
 def save_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
     """Save an ``nnx.State`` (or any pytree of arrays) with Orbax plus ``config.json``, atomically.
 
     Layout: ``dst/config.json`` (``config`` plus ``"_format": "contentv-jax"``) and ``dst/state/`` (Orbax).
-    One process only; :func:`export_checkpoint` is the multi-process form.
+    Called by one process (in a multi-process job too: Orbax's barriers are then limited to this process,
+    and every array of ``state`` must be addressable here); :func:`export_checkpoint` is the collective form.
     """
-    import orbax.checkpoint as ocp
 
     dst = Path(dst).absolute()
     tmp = tmp_sibling(dst)
+    if jax.process_count() > 1:  # Orbax refuses host-local jax.Arrays in a multi-process job; NumPy it is
+        state = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, state)
     try:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _this_process_checkpointer()
         ckptr.save(tmp / STATE_DIR, state)
         ckptr.wait_until_finished()
         ckptr.close()
@@ -210,7 +223,7 @@ def export_checkpoint(dst: str | os.PathLike, state, config: dict) -> None:
     run_on_main_then_all("export commit", commit if main else None)
 
 
-def load_checkpoint(path: str | os.PathLike, abstract_state, *, verify: bool = True):
+def load_checkpoint(path: str | os.PathLike, abstract_state, *, verify: bool = True, this_process_only: bool = False):
     """Restore the state saved by :func:`save_checkpoint`.
 
     Args:
@@ -222,6 +235,8 @@ def load_checkpoint(path: str | os.PathLike, abstract_state, *, verify: bool = T
       :func:`read_our_config`.
       verify: check every file against the checkpoint's manifest first (:func:`verify_manifest`);
         False skips it (faster for large checkpoints on trusted storage).
+      this_process_only: a read by this process alone in a multi-process job (every leaf of
+        ``abstract_state`` on this process's devices), e.g. the replicated VAE; the default is collective.
     Raises:
       CheckpointError: ``path`` is not one of our checkpoints, or (``verify``) a file is missing,
         truncated or damaged (named).
@@ -231,7 +246,7 @@ def load_checkpoint(path: str | os.PathLike, abstract_state, *, verify: bool = T
     read_our_config(path)
     if verify:
         verify_manifest(path)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _this_process_checkpointer() if this_process_only else ocp.StandardCheckpointer()
     try:
         state = ckptr.restore(Path(path).absolute() / STATE_DIR, abstract_state)
     finally:
@@ -247,10 +262,9 @@ def stored_abstract_state(path: str | os.PathLike, abstract_state: nnx.State) ->
       CheckpointError: ``path`` is not our checkpoint, or a parameter is missing or mis-shaped there
         (named, with expected and found shape).
     """
-    import orbax.checkpoint as ocp
 
     read_our_config(path)
-    with ocp.StandardCheckpointer() as ckptr:
+    with _this_process_checkpointer() as ckptr:
         meta = ckptr.metadata(Path(path).absolute() / STATE_DIR)
     meta_tree = getattr(meta, "item_metadata", meta)
     stored = {}
@@ -366,7 +380,8 @@ def load_vae(path: str | os.PathLike, *, param_dtype="float32", verify: bool = T
     if is_our_checkpoint(path):
         config = VAEConfig.from_diffusers(read_our_config(path))
         graphdef, abs_state = nnx.split(abstract_vae(config, dtype))
-        state = load_checkpoint(path, abs_state, verify=verify)
+        # every process reads the whole (small, replicated) VAE itself: no collective, so one process may load it
+        state = load_checkpoint(path, abs_state, verify=verify, this_process_only=True)
         state = jax.tree.map(lambda a: jnp.asarray(a, dtype), state)
         return nnx.merge(graphdef, state)
     if is_diffusers_dir(path):

@@ -8,13 +8,18 @@ Environment:
 """
 
 import os
+from pathlib import Path
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 _flags = os.environ.get("XLA_FLAGS", "")
 if _DEVICES_FLAG not in _flags:  # keep a caller's other XLA flags; the suite needs its 8 CPU devices
     os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICES_FLAG}=8".strip()
-
-from pathlib import Path  # noqa: E402
+# JAX's persistent compilation cache, shared by the tests and the CLIs they start (inherited through the
+# environment): the suite compiles the same tiny train step, sampler and VAE in many processes, and on 2 CPU
+# cores XLA's compiles are most of its time. A fresh clone starts it empty (it lives in .pytest_cache/).
+# Its key is the program, the compile options and the jax/jaxlib versions, so a changed model is a miss.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 

@@ -51,7 +51,7 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
         f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=600", "optimizer.lr=2e-3", "optimizer.schedule=cosine", "optimizer.decay_steps=600",
         "buckets.max_height=32", "buckets.max_width=32", "buckets.batch_video=4", "model.dtype=float32",
         "checkpoint.every=100000", "checkpoint.async_save=false", "logging.tensorboard=false",
-        "logging.progress_bar=false", "mesh.fsdp=1",
+        "logging.progress_bar=false", "logging.sample_every=0", "mesh.fsdp=1",
     ])
     summary = Trainer(cfg, devices=jax.devices()[:1]).setup().run()
     assert summary["records"] == 1, summary

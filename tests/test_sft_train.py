@@ -28,6 +28,7 @@ TINY = [
     "logging.progress_bar=false",
     "model.dtype=float32",
     "optimizer.warmup_steps=0",
+    "logging.sample_every=0",  # no previews (the default run makes them every 100 steps)
 ]
 
 

@@ -70,29 +70,37 @@ def text_encoders(cfg: Any, model_config):
     return text
 
 
-def vae(cfg: Any):
-    """``vae.path`` loaded with ``load_vae``, or a tiny random VAE of config ``vae.name`` saved to
-    ``<run_dir>/assets/vae`` (our checkpoint format, as ``converters.from_diffusers --component vae``
-    writes) and reloaded with ``load_vae``.
+def tiny_vae(cfg: Any) -> Path:
+    """``<run_dir>/assets/vae``: a tiny random VAE of config ``vae.name`` in our checkpoint format (as
+    ``converters.from_diffusers --component vae`` writes it), built unless it exists. Save only, no load:
+    callable from one process of a multi-process job.
 
     Raises:
       ConfigError: naming ``vae.name`` for an unknown VAE config.
     """
-    from contentv_jax.checkpoints import load_vae, save_checkpoint
+    from contentv_jax.checkpoints import save_checkpoint
     from contentv_jax.models.vae import get_config, init_vae
 
-    v = cfg.vae
-    if v.path:
-        return load_vae(v.path)
     dst = Path(cfg.run_dir).absolute() / "assets" / "vae"
     if not dst.exists():
         try:
-            vcfg = get_config(v.name)
+            vcfg = get_config(cfg.vae.name)
         except ValueError as e:
             raise ConfigError(f"config key 'vae.name': {e}") from None
         model = init_vae(vcfg, seed=cfg.seed + 1)
         save_checkpoint(dst, nnx.state(model, nnx.Param), vcfg.to_diffusers())
-    return load_vae(dst)
+    return dst
+
+
+def vae(cfg: Any):
+    """``vae.path`` loaded with ``load_vae``, or the tiny random VAE of :func:`tiny_vae` (built if needed).
+
+    Raises:
+      ConfigError: naming ``vae.name`` for an unknown VAE config.
+    """
+    from contentv_jax.checkpoints import load_vae
+
+    return load_vae(cfg.vae.path or tiny_vae(cfg))
 
 
 def prepare(cfg: Any, model_config=None) -> Prepared:

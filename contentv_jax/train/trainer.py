@@ -424,7 +424,7 @@ class Trainer:
 
         def build():
             if not vae_dir.is_dir():
-                assets.vae(cfg)
+                assets.tiny_vae(cfg)
             if not text_dir.is_dir():
                 assets.text_encoders(cfg, self.model_config)
 
