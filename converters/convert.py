@@ -61,7 +61,7 @@ def transformer_to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, *, 
 
     cfg = TransformerConfig.from_dict(checkpoints.read_our_config(src))
     graphdef, abstract_state = nnx.split(tconv._abstract(cfg))
-    state = checkpoints.load_checkpoint(src, abstract_state)
+    state = checkpoints.load_checkpoint(src, abstract_state, this_process_only=True)  # a whole copy here
     tensors = tconv.state_to_diffusers(cfg, nnx.to_pure_dict(state))
     common.write_diffusers_dir(dst, cfg.to_diffusers_config(), tensors, max_shard_size=max_shard_size)
     log.info("wrote %s: %d tensors (%s)", dst, len(tensors), cfg.param_dtype)
@@ -101,7 +101,7 @@ def vae_to_diffusers(src: str | os.PathLike, dst: str | os.PathLike, *, max_shar
     config = VAEConfig.from_diffusers(config_dict)
     # Restore in the stored dtypes so that bytes are kept as written.
     abstract = checkpoints.stored_abstract_state(src, nnx.state(abstract_vae(config), nnx.Param))
-    state = checkpoints.load_checkpoint(src, abstract)
+    state = checkpoints.load_checkpoint(src, abstract, this_process_only=True)
     flat = {tuple(p): v for p, v in nnx.to_flat_state(state)}
     tensors = {}
     for name, (path, _) in vconv.name_map(config).items():
