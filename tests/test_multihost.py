@@ -86,7 +86,9 @@ def _step(mesh_cfg: MeshConfig) -> dict:
             "grad_proj": jnp.stack([jnp.sum(g * _direction(g.shape)) for g in leaves]),
         }
 
-    out = jax.jit(fwd_grad)(state, batch)
+    compiled = jax.jit(fwd_grad).lower(state, batch).compile()
+    distributed.barrier("fwd_grad")  # processes meet after compiling: gloo's first collective waits 30 s at most
+    out = compiled(state, batch)
     w_sq = [float(jnp.sum(_direction(x.shape) ** 2)) for x in jax.tree.leaves(state)]
     return {k: np.asarray(jax.device_get(v)).tolist() for k, v in out.items()} | {"w_sq": w_sq,
         "rows": [rows.start, rows.stop], "processes": jax.process_count(), "devices": jax.device_count()}
@@ -119,6 +121,9 @@ def test_two_processes_equal_one(tmp_path):
     assert [g["processes"] for g in got] == [2, 2] and [g["devices"] for g in got] == [8, 8]
     assert [g["rows"] for g in got] == [[0, 2], [2, 4]]  # each process holds its half of the batch
     assert ref["processes"] == 1
+    assert [g["stage_seen"] for g in got] == ["done", "done"]
+    assert got[0]["stage_error"] == "ValueError: boom"
+    assert got[1]["stage_error"] == "RuntimeError: process 0 failed in the failing stage (see its log); stopping this process too"
     sq_ref = np.asarray(ref["grad_sq"], np.float64)
     # zero-initialised layers (AdaLN-zero modulation) have exactly zero gradient at the first step; the
     # per-leaf comparisons below then require exact zeros on both sides
@@ -142,5 +147,18 @@ if __name__ == "__main__":
     args = parser.parse_args()
     assert distributed.initialize_from_args(args)
     result = _step(MeshConfig(data=2, fsdp=2, sequence=2, dcn_data=2))
+    # run_on_main_then_all: the others return only after process 0's stage finished (its file is there) ...
+    marker = Path(args.out).parent / "stage.txt"  # written by process 0 alone
+    distributed.run_on_main_then_all("write", (lambda: marker.write_text("done")) if args.process_id == 0 else None)
+    result["stage_seen"] = marker.read_text() if marker.exists() else ""
+
+    def fail():
+        raise ValueError("boom")
+
+    try:  # ... and a failure on process 0 stops every process, naming the stage
+        distributed.run_on_main_then_all("failing", fail if args.process_id == 0 else None)
+        result["stage_error"] = ""
+    except (ValueError, RuntimeError) as e:
+        result["stage_error"] = f"{type(e).__name__}: {e}"
     Path(args.out).write_text(json.dumps(result))
     jax.distributed.shutdown()

@@ -195,27 +195,58 @@ def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec, *, global_batch_si
     return jax.tree.map(one, local)
 
 
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches ``name`` (the coordination service's barrier; one process: no-op).
+
+    Used before a program's first collective on CPU (gloo), whose set-up times out after 30 s: processes
+    that compiled it at different speeds meet here first. Every process must pass the same names in order.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the coordination-service client (what Orbax's multihost utilities use)
+
+    _stage_calls[name] = _stage_calls.get(name, 0) + 1
+    distributed.global_state.client.wait_at_barrier(f"contentv_jax/barriers/{name}/{_stage_calls[name]}",
+                                                     int(timeout_s * 1000))
+
+
+# How long the other processes wait for process 0's stage (the encode stage of a large dataset runs there).
+STAGE_TIMEOUT_S = 24 * 3600
+_stage_calls: dict[str, int] = {}
+
+
 def run_on_main_then_all(name: str, fn) -> None:
     """Run ``fn`` on the main process (pass ``None`` elsewhere) while the others wait, then continue together.
 
-    With several processes, process 0's outcome is broadcast: if ``fn`` raised, it re-raises there and
-    every other process raises ``RuntimeError`` naming the stage ``name`` instead of waiting forever at a
-    barrier. With one process this is just ``fn()``.
+    With several processes, process 0 publishes its outcome in the coordination service's key-value store
+    (the one ``jax.distributed`` starts, as Orbax's barriers use it), and the others block on that key for
+    up to :data:`STAGE_TIMEOUT_S`; a device collective would do for the broadcast, but on CPU (gloo) its
+    first use times out after 30 s, shorter than many stages. If ``fn`` raised, it re-raises on process 0
+    and every other process raises ``RuntimeError`` naming the stage ``name`` instead of waiting forever.
+    Every process must call the same stages in the same order. With one process this is just ``fn()``.
     """
     if jax.process_count() == 1:
         if fn is not None:
             fn()
         return
-    from jax.experimental import multihost_utils
+    from jax._src import distributed  # the coordination-service client (what Orbax's multihost utilities use)
 
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError(f"{jax.process_count()} processes without jax.distributed.initialize: no coordination "
+                           f"service for the {name} stage")
+    _stage_calls[name] = _stage_calls.get(name, 0) + 1
+    key = f"contentv_jax/stages/{name}/{_stage_calls[name]}"
     error = None
     if fn is not None:
         try:
             fn()
         except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the other processes
             error = e
-    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if jax.process_index() == 0:
+        client.key_value_set(key, "failed" if error is not None else "ok")
+    elif error is None:
+        error = None if client.blocking_key_value_get(key, STAGE_TIMEOUT_S * 1000) == "ok" else RuntimeError(
+            f"process 0 failed in the {name} stage (see its log); stopping this process too")
     if error is not None:
         raise error
-    if int(failed):
-        raise RuntimeError(f"process 0 failed in the {name} stage (see its log); stopping this process too")

@@ -47,6 +47,7 @@ from contentv_jax.dtypes import DTYPES
 from contentv_jax.data.prepare import prepare as prepare_data
 from contentv_jax.scheduler import sample_training_sigmas
 from contentv_jax.models.flops import train_step_flops
+from contentv_jax.sharding.distributed import barrier as distributed_barrier
 from contentv_jax.sharding.distributed import global_batch, is_main_process, local_batch_slice, run_on_main_then_all
 from contentv_jax.sharding.init import create_sharded, state_shardings
 from contentv_jax.sharding.logical import activation_sharding, batch_spec
@@ -475,7 +476,15 @@ class Trainer:
     def _dispatch(self, batch: dict):
         """Start one compiled step; returns its metrics as device arrays, without waiting for them."""
         with jax.set_mesh(self.mesh), activation_sharding(self.mesh, self.rules):
-            self.state, metrics = self._step(self.state, batch, self.ref_params)
+            step = self._step
+            if jax.process_count() > 1:  # compile ahead, then meet: the first collective's set-up waits 30 s at most
+                shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch))
+                compiled = self.__dict__.setdefault("_compiled_steps", {})
+                if shapes not in compiled:
+                    compiled[shapes] = self._step.lower(self.state, batch, self.ref_params).compile()
+                    distributed_barrier(f"train_step_{len(compiled)}")
+                step = compiled[shapes]
+            self.state, metrics = step(self.state, batch, self.ref_params)
         return metrics
 
     @staticmethod
