@@ -274,6 +274,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(pure)
         ema = self.cfg.optimizer.ema_decay > 0
+        distributed_barrier("init_state")  # the replicated device_puts below check equality with a collective
         state = {
             "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
             "rng": jax.device_put(jax.random.key_data(jax.random.key(self.cfg.seed)), repl),
