@@ -161,6 +161,39 @@ def test_records_match_independent_recomputation(encoded, text):
     np.testing.assert_allclose(npool, p, atol=1e-6)
 
 
+def test_buckets_follow_the_displayed_aspect_ratio(tmp_path, text):
+    """A landscape clip turned 90 degrees by its display matrix goes to the portrait bucket, a square clip of
+    2:1 pixels to the landscape one (by stored size they would go to the landscape and the square buckets),
+    and the rotated clip's record is the encoding of ffmpeg's autorotated frames."""
+    from test_video import _colourful, ffmpeg_rgb, write_tagged
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_tagged(data / "rotated.mp4", _colourful(t=9, h=64, w=96), rotation=90)  # displayed 64 wide, 96 high
+    write_tagged(data / "wide_pixels.mp4", _colourful(t=9, h=64, w=64), pixel_aspect=2)  # displayed 128 x 64
+    (data / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": f}) + "\n"
+                                                 for f in ("rotated.mp4", "wide_pixels.mp4")))
+    stats = enc.encode_dataset(data, out, PoolingVAE(), text, max_sequence_length=16, progress=False, **SHAPE)
+    assert stats.records == 2 and stats.num_skipped == 0
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    where = {}
+    for key in enc.read_index(out)["buckets"]:
+        reader = ArrayRecordReader(str(out / f"{key}.array_record"))
+        for rec in map(enc.decode_record, reader.read_all()):
+            where[rec["meta"]["file"]] = (key, rec)
+        reader.close()
+    assert {f: k for f, (k, _) in where.items()} == {"rotated.mp4": "f9_h80_w48", "wide_pixels.mp4": "f9_h48_w80"}
+    # ffmpeg's autorotated frames (96 high, 64 wide), scaled by 80/96 to 53x80 (PIL bicubic), centre crop 48 wide
+    _, rec = where["rotated.mp4"]
+    ref_frames = ffmpeg_rgb(data / "rotated.mp4", 96, 64)[rec["meta"]["frame_indices"]]
+    x = _pil_resize_crop(ref_frames, (53, 80), (2, 0, 50, 80)).astype(np.float32) / 127.5 - 1
+    vae = PoolingVAE()
+    ref = np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0]
+    assert rec["latents"].shape == ref.shape == (3, 10, 6, 16)
+    np.testing.assert_allclose(rec["latents"], ref, rtol=1e-5, atol=1e-5)  # measured: equal
+
+
 def test_image_record_is_t1(encoded):
     data, out, _, _ = encoded
     from array_record.python.array_record_module import ArrayRecordReader

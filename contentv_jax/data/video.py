@@ -1,6 +1,9 @@
 """Video I/O (PyAV) and the clip helpers of the encode stage.
 
-Arrays are channels-last uint8 RGB frames ``(T, H, W, 3)`` unless said otherwise.
+Arrays are channels-last uint8 RGB frames ``(T, H, W, 3)`` unless said otherwise, as displayed: converted
+with each frame's own colour matrix and range (BT.709 / BT.601, limited or full range, as ffmpeg converts
+them), turned by the container's display rotation (as ffmpeg's autorotate) and resampled to square pixels
+(width x the sample aspect ratio), so that buckets are chosen by the aspect ratio a viewer sees.
 
 - :func:`probe_video` -> :class:`VideoInfo` (frame count, fps, size) without decoding every frame.
 - :func:`read_video` -> ``(frames uint8 (T, H, W, 3), fps float)``; :func:`iter_video_frames` streams.
@@ -49,8 +52,10 @@ class VideoInfo:
     path: str
     num_frames: int
     fps: float
-    height: int
+    height: int  # as displayed: after the rotation and the pixel aspect ratio
     width: int
+    rotation: int = 0  # the display rotation, counter-clockwise degrees (0, 90, 180, 270)
+    pixel_aspect: float = 1.0  # the sample aspect ratio of the stored frames (width / height of a pixel)
 
     @property
     def duration_s(self) -> float:
@@ -82,8 +87,32 @@ def _stream_fps(stream, path) -> float:
     return float(rate)
 
 
+def _pixel_aspect(stream) -> float:
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return float(sar) if sar and float(sar) > 0 else 1.0
+
+
+def _rotation(frame) -> int:
+    """The frame's display rotation (PyAV: counter-clockwise degrees from its display matrix) to 0/90/180/270."""
+    return int(round(float(frame.rotation or 0) / 90.0)) % 4 * 90
+
+
+def _as_displayed(frame, pixel_aspect: float) -> np.ndarray:
+    """A decoded frame as uint8 ``(H, W, 3)`` RGB as displayed. PyAV's conversion uses the frame's colour matrix
+    and range (checked against ffmpeg's ``-pix_fmt rgb24`` in the tests); non-square pixels are resampled to
+    square ones (``width * pixel_aspect``, bicubic, in the same conversion); the display rotation is applied
+    last (``np.rot90``: exact)."""
+    size = {}
+    if abs(pixel_aspect - 1.0) > 1e-6:
+        size = dict(width=max(1, round(frame.width * pixel_aspect)), height=frame.height, interpolation="BICUBIC")
+    rgb = frame.to_ndarray(format="rgb24", **size)
+    k = _rotation(frame) // 90
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
 def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
-    """Yield the frames of ``path`` one by one as uint8 ``(H, W, 3)`` RGB arrays (constant memory).
+    """Yield the frames of ``path`` one by one as uint8 ``(H, W, 3)`` RGB arrays as displayed (colour matrix and
+    range of each frame, display rotation, square pixels; see the module docstring), in constant memory.
 
     Raises:
       VideoReadError: the file is missing, empty, corrupt, truncated (decode error mid-stream) or has
@@ -93,9 +122,10 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        pixel_aspect = _pixel_aspect(stream)
         try:
             for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+                yield _as_displayed(frame, pixel_aspect)
         except VideoReadError:
             raise
         except Exception as e:
@@ -104,8 +134,23 @@ def iter_video_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
         container.close()
 
 
+def _first_frame_rotation(path) -> int:
+    """The display rotation of the first frame (PyAV exposes the display matrix on decoded frames)."""
+    container = _open(path)
+    try:
+        for frame in container.decode(container.streams.video[0]):
+            return _rotation(frame)
+        return 0
+    except Exception as e:
+        raise VideoReadError(f"video {os.fspath(path)!r}: decode failed ({type(e).__name__}: {e})") from e
+    finally:
+        container.close()
+
+
 def probe_video(path: str | os.PathLike, *, exact: bool = False) -> VideoInfo:
-    """Frame count, fps and size of ``path``.
+    """Frame count, fps and displayed size of ``path`` (``height`` / ``width`` after the display rotation and
+    the pixel aspect ratio, which ``rotation`` / ``pixel_aspect`` give; the frames of :func:`iter_video_frames`
+    have that size). The rotation is read from the first decoded frame.
 
     With ``exact=False`` the frame count is the container's (or duration x fps when absent). With
     ``exact=True`` every packet is demuxed (cheap: no decoding) and counted, which also detects a
@@ -136,9 +181,15 @@ def probe_video(path: str | os.PathLike, *, exact: bool = False) -> VideoInfo:
             n = int(round(float(stream.duration * stream.time_base) * fps))
         if n <= 0 or height <= 0 or width <= 0:
             raise VideoReadError(f"video {os.fspath(path)!r}: no frames (size {width}x{height})")
-        return VideoInfo(os.fspath(path), int(n), fps, int(height), int(width))
+        pixel_aspect = _pixel_aspect(stream)
     finally:
         container.close()
+    if abs(pixel_aspect - 1.0) > 1e-6:
+        width = max(1, round(width * pixel_aspect))
+    rotation = _first_frame_rotation(path)
+    if rotation in (90, 270):
+        height, width = width, height
+    return VideoInfo(os.fspath(path), int(n), fps, int(height), int(width), rotation, pixel_aspect)
 
 
 def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tuple[np.ndarray, float]:
