@@ -307,6 +307,25 @@ def _euler_loop(graphdef, state, latents, context, pooled, sigmas, guidance_scal
     return jax.lax.fori_loop(0, num_steps, step, latents)
 
 
+def _denoise_inputs(model, latents, embeds: PromptEmbeds, guidance_scale: float, dtype):
+    """The checks and inputs shared by :func:`denoise` and the sequential-offload loop: latents as float32
+    (a jax.Array stays on its device), whether CFG runs (``guidance_scale > 1``), the compute dtype (default the
+    model's ``config.dtype``), and the text context / pooled embeddings, conditional rows then unconditional ones
+    under CFG. Raises ValueError for latents that are not ``(B, T, H, W, C)`` with the embeddings' batch."""
+    latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents.astype(jnp.float32)
+    if latents.ndim != 5 or latents.shape[0] != embeds.batch:
+        raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
+    guidance = guidance_scale > 1.0
+    if dtype is None:
+        dtype = getattr(getattr(model, "config", None), "dtype", None) or jnp.float32
+    if guidance:
+        context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)
+        pooled = np.concatenate([embeds.pooled_prompt_embeds, embeds.negative_pooled_prompt_embeds], axis=0)
+    else:
+        context, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
+    return latents, guidance, jnp.dtype(dtype), context, pooled
+
+
 def denoise(
     model: nnx.Module,
     latents: jax.Array | np.ndarray,
@@ -335,18 +354,7 @@ def denoise(
     Returns:
       final latents (B, T, H, W, C), float32 (still normalised; see :func:`decode_latents`).
     """
-    latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents.astype(jnp.float32)
-    if latents.ndim != 5 or latents.shape[0] != embeds.batch:
-        raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
-    guidance = guidance_scale > 1.0
-    if dtype is None:
-        dtype = getattr(getattr(model, "config", None), "dtype", None) or jnp.float32
-    dtype = jnp.dtype(dtype)
-    if guidance:
-        context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)
-        pooled = np.concatenate([embeds.pooled_prompt_embeds, embeds.negative_pooled_prompt_embeds], axis=0)
-    else:
-        context, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
+    latents, guidance, dtype, context, pooled = _denoise_inputs(model, latents, embeds, guidance_scale, dtype)
     graphdef, state = nnx.split(model)
     if progress:
         from tqdm.auto import tqdm
@@ -451,18 +459,8 @@ def denoise_sequential(
     """
     from contentv_jax.models.transformer import MMDiT, NonBlockView
 
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.ndim != 5 or latents.shape[0] != embeds.batch:
-        raise ValueError(f"latents must be (B={embeds.batch}, T, H, W, C), got {latents.shape}")
-    guidance = guidance_scale > 1.0
-    if dtype is None:
-        dtype = getattr(getattr(model, "cfg", None), "dtype", None) or jnp.float32
-    dtype = jnp.dtype(dtype)
-    if guidance:
-        context = np.concatenate([embeds.prompt_embeds, embeds.negative_prompt_embeds], axis=0)
-        pooled = np.concatenate([embeds.pooled_prompt_embeds, embeds.negative_pooled_prompt_embeds], axis=0)
-    else:
-        context, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds
+    latents, guidance, dtype, context, pooled = _denoise_inputs(model, latents, embeds, guidance_scale, dtype)
+    latents = jnp.asarray(latents)
     device = jax.devices()[0]
     view_def, view_state = nnx.split(NonBlockView(model))
     view_state = place_state(view_state, None)  # non-block parameters: on the device for the whole loop

@@ -1,7 +1,7 @@
 """Preemption across hosts and start-up from the ``CONTENTV_*`` variables alone (two processes, gloo).
 
-Three jobs start together on one encoded cache (``data.cache_dir``): a one-process reference on 8
-devices, an uninterrupted two-process job, and a two-process job whose process 1 alone gets SIGTERM
+Three jobs on one encoded cache (``data.cache_dir``): a one-process reference on 8 devices and an
+uninterrupted two-process job (together), then a two-process job whose process 1 alone gets SIGTERM
 after step 2 (the trainer's ``CONTENTV_TEST_SIGTERM_AT_STEP`` hook: the signal goes at a known step,
 no timing). The two-process jobs get no distributed flags, only ``CONTENTV_COORDINATOR`` /
 ``CONTENTV_NUM_PROCESSES`` / ``CONTENTV_PROCESS_ID``: they must be one job (the (2, 2, 2) mesh needs
@@ -90,8 +90,10 @@ def test_sigterm_on_one_host_stops_all_at_one_step_and_env_alone_makes_one_job(t
     cache = [f"data.cache_dir={base / 'encoded'}"]
 
     one, full, cut = tmp_path / "one", tmp_path / "full", tmp_path / "cut"
-    procs = {"one": _spawn(one, 8, cache)} | _two(full, cache) | _two(cut, cache, hook="2:1")
-    logs = _finish(procs)
+    # the reference jobs first, then the interrupted one: it compiles the uninterrupted job's program, so
+    # it (and the resume) read the step from the persistent compilation cache
+    logs = _finish({"one": _spawn(one, 8, cache)} | _two(full, cache))
+    logs |= _finish(_two(cut, cache, hook="2:1"))
 
     # acceptance 4: the variables alone made one two-process job with the one-process losses
     ref, got = _losses(one), _losses(full)
