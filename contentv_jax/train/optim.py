@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from contentv_jax.train.config import OptimizerSection
+# ``cfg`` below is the config's ``optimizer`` section (``contentv_jax.train.config.OptimizerSection``), not imported:
+# train.config imports the training modes (train.rlhf), which use the helpers of this module.
 
 
-def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
+def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup from 0 to ``cfg.lr`` over ``warmup_steps``, then constant or cosine decay to 0 at
     ``decay_steps``. The schedule does not depend on the run's total steps (so resumed runs agree)."""
     warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
@@ -25,7 +26,7 @@ def learning_rate_schedule(cfg: OptimizerSection) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
+def make_optimizer(cfg) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip)`` (when > 0) followed by ``adamw`` with the schedule above."""
     parts = []
     if cfg.grad_clip > 0:
@@ -34,6 +35,20 @@ def make_optimizer(cfg: OptimizerSection) -> optax.GradientTransformation:
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     )
     return optax.chain(*parts)
+
+
+def where_finite(finite, new, old):
+    """``new`` where ``finite`` (a scalar bool, traced), else ``old``, leaf by leaf."""
+    return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)
+
+
+def update_if_finite(tx: optax.GradientTransformation, grads, opt_state, params, finite):
+    """One ``tx`` update of ``params`` (float32 master weights; updates cast to each leaf's dtype), kept only
+    when ``finite``: a step with a non-finite loss, reward or gradient leaves the parameters and the optimizer
+    state, its schedule count included, as they were. Returns ``(params, opt_state)``."""
+    updates, new_opt = tx.update(grads, opt_state, params)
+    new_params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
+    return where_finite(finite, new_params, params), where_finite(finite, new_opt, opt_state)
 
 
 def ema_update(ema, params, decay):

@@ -396,6 +396,8 @@ def make_rlhf_step(
     """
     from flax import nnx
 
+    from contentv_jax.train.optim import global_norm, update_if_finite
+
     validate_rlhf(rcfg)
     sigmas_np = flow.sampling_sigmas(rcfg.num_steps, rcfg.shift)
     chain = rcfg.mode == "chain"
@@ -423,17 +425,11 @@ def make_rlhf_step(
             guidance_scale=rcfg.guidance_scale, chain=chain, kl_weight=rcfg.kl_weight,
             ref_apply=ref_apply, ref_params=aux.get("ref"),
         )
-        grad_norm = optax_global_norm(grads)
+        grad_norm = global_norm(grads)
         finite = jnp.all(jnp.isfinite(r)) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)
-
         new_state = dict(state)
-        new_state["params"] = keep(params, state["params"])
-        new_state["opt_state"] = keep(opt_state, state["opt_state"])
+        new_state["params"], new_state["opt_state"] = update_if_finite(
+            tx, grads, state["opt_state"], state["params"], finite)
         new_state["step"] = step + 1
         metrics = {
             "loss": loss,
@@ -452,13 +448,6 @@ def make_rlhf_step(
         return new_state, metrics
 
     return step_fn
-
-
-def optax_global_norm(tree) -> jax.Array:
-    """The float32 global L2 norm of a pytree."""
-    import optax
-
-    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def make_apply(graphdef, params_template, rest, dtype) -> Callable:

@@ -68,6 +68,8 @@ from contentv_jax.train.optim import (
     global_norm,
     learning_rate_schedule,
     make_optimizer,
+    update_if_finite,
+    where_finite,
 )
 
 
@@ -154,18 +156,12 @@ def make_train_step(graphdef, params_template, rest, tx, cfg: TrainConfig, empty
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         prior_updates = applied_updates(state["opt_state"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state["params"], updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, old)
-
         new_state = dict(state)
-        new_state["params"] = keep(params, state["params"])
-        new_state["opt_state"] = keep(opt_state, state["opt_state"])
+        new_state["params"], new_state["opt_state"] = update_if_finite(
+            tx, grads, state["opt_state"], state["params"], finite)
         if state.get("ema") is not None:
             decay = ema_decay(max_ema_decay, prior_updates)
-            new_state["ema"] = keep(ema_update(state["ema"], params, decay), state["ema"])
+            new_state["ema"] = where_finite(finite, ema_update(state["ema"], new_state["params"], decay), state["ema"])
         new_state["step"] = step + 1
         metrics = {
             "loss": loss,
