@@ -27,7 +27,6 @@ API:
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -224,32 +223,56 @@ _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 
 
 def _train_clip_bpe(corpus: Sequence[str], num_merges: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style byte-level BPE (``</w>`` word ends) trained on ``corpus`` with the ``tokenizers`` library.
+    """A CLIP-style byte-level BPE (``</w>`` word ends) learned from ``corpus``, deterministically.
+
+    Words come from the ``tokenizers`` library's normaliser and pre-tokeniser set up as CLIP's (NFC, whitespace
+    folding, lower case; CLIP's split pattern; byte-level characters). The merges are learned here, not by
+    ``tokenizers.trainers.BpeTrainer``: that trainer numbers characters of equal frequency in hash-map order, so
+    its merges changed from one process to the next (5 different merge lists in 12 runs of this corpus), and so did
+    the tiny text encoders' embeddings. Each round merges the most frequent adjacent pair (counted over words
+    weighted by their frequency), ties going to the smallest pair in string order, until ``num_merges`` merges or
+    no pair is left.
 
     Vocabulary order follows CLIP's: 256 byte characters (``!`` first, id 0), the same with ``</w>``,
     one token per merge, then ``<|startoftext|>`` and ``<|endoftext|>`` last.
     """
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from collections import Counter
 
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    trainer = trainers.BpeTrainer(
-        vocab_size=512 + num_merges,
-        min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer)
-    merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]][:num_merges]
+    counts = Counter(w for line in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): n for w, n in sorted(counts.items())}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < num_merges:
+        pairs: Counter = Counter()
+        for symbols, n in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = {}
+        for symbols, n in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
     chars = list(_bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]
     seen = set(vocab_list)

@@ -43,6 +43,24 @@ def test_tiny_layout_and_widths(tiny_dir, tiny):
     assert 3 <= n_clip < 10 and 3 <= n_t5 < 10, (n_clip, n_t5)
 
 
+def test_tokenizers_are_the_same_in_every_process(tiny_dir):
+    """The tiny CLIP tokenizers' merges, learned in four fresh processes, equal the fixture's (``tokenizers``'
+    own BpeTrainer gave 5 different merge lists in 12 processes: hash-map order among equally frequent
+    characters), so every run, host and test builds the same tiny text encoders."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from contentv_jax.text import _train_clip_bpe, DEFAULT_CORPUS as C; "
+            "print(json.dumps(_train_clip_bpe(C, 300)[1]))")
+    ours = json.loads((tiny_dir / "tokenizer" / "tokenizer.json").read_text())["model"]["merges"]
+    ours = [m.split(" ") if isinstance(m, str) else m for m in ours]
+    assert len(ours) > 100
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+        assert json.loads(out.stdout) == ours
+
+
 def test_rebuild_is_deterministic(tiny_dir, tmp_path):
     again = build_tiny_text_encoders(tmp_path / "again", clip_dims=(16, 24), t5_dim=64, seed=0)
     a = TextEncoders.from_pretrained(tiny_dir).encode(PROMPTS[:2], max_sequence_length=8)
