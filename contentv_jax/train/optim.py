@@ -43,11 +43,11 @@ def where_finite(finite, new, old):
 
 
 def update_if_finite(tx: optax.GradientTransformation, grads, opt_state, params, finite):
-    """One ``tx`` update of ``params`` (float32 master weights; updates cast to each leaf's dtype), kept only
+    """One ``tx`` update of ``params`` (float32 master weights; ``optax.apply_updates``), kept only
     when ``finite``: a step with a non-finite loss, reward or gradient leaves the parameters and the optimizer
     state, its schedule count included, as they were. Returns ``(params, opt_state)``."""
     updates, new_opt = tx.update(grads, opt_state, params)
-    new_params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
+    new_params = optax.apply_updates(params, updates)
     return where_finite(finite, new_params, params), where_finite(finite, new_opt, opt_state)
 
 
