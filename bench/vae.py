@@ -1,6 +1,7 @@
 """Wan2.1 VAE benchmark: encode / decode time and peak memory, JAX (ours) vs diffusers ``AutoencoderKLWan``.
 
-Usage: ``python bench/vae.py [--frames 17 33] [--size 128] [--mem-frames 17 65] [--warmup 1] [--repeats 3]``
+Usage: ``python bench/vae.py [--frames 17 33] [--size 128] [--mem-frames 17 65] [--warmup 1] [--repeats 3]
+[--ops encode decode]``
 
 Model: the real Wan2.1 config (``../shared/data/configs/wan2.1-vae/config.json``, or diffusers' defaults,
 which are the same), random init with a fixed seed, float32, saved once with ``save_pretrained``; our
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impls", nargs="+", default=["jax", "torch"], choices=["jax", "torch"])
+    p.add_argument("--ops", nargs="+", default=["encode", "decode"], choices=["encode", "decode"])
     # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
               f"{os.cpu_count()} CPU threads; warmup {args.warmup}, repeats {args.repeats}", flush=True)  # fmt: skip
         results = []
         for frames in args.frames:
-            for op in ("encode", "decode"):
+            for op in args.ops:
                 for impl in args.impls:
                     results.append(_spawn(tmp, impl, op, frames, args))
         mem = {}
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
           f"{'jax MiB':>8s} {'torch MiB':>9s} {'jax/torch':>9s} {'XLA temp':>9s}")  # fmt: skip
     rows = []
     for frames in args.frames:
-        for op in ("encode", "decode"):
+        for op in args.ops:
             j, t = find("jax", op, frames), find("torch", op, frames)
             row = {
                 "op": op,

@@ -318,3 +318,109 @@ def test_wan_vae_records_match_diffusers(tmp_path, shared_data, text):
     want = ((z - mean) / std)[0].permute(1, 2, 3, 0).numpy()
     assert rec["latents"].shape == want.shape == (3, 6, 10, 16)
     np.testing.assert_allclose(rec["latents"], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def _records(d):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    out = {}
+    for f in sorted(d.glob("*.array_record")):
+        r = ArrayRecordReader(str(f))
+        out[f.name] = [enc.decode_record(b) for b in r.read_all()]
+        r.close()
+    return out
+
+
+def test_overlapped_encode_writes_the_serial_records(tmp_path, text):
+    """decode_workers=2 (grain threads decode ahead, text and writes on their own threads), VAE batches
+    and text batches across files: byte-for-byte the records of the serial encode (decode_workers=0,
+    one clip per VAE call, one file's captions per text call), in the same order. With
+    latent_mode="sample" a clip's noise comes from its own key whatever its batch: the latents of a
+    batched encode equal mean + std * N(0, 1) drawn from fold_in(fold_in(key(seed), crc32(file)), clip)."""
+    import re
+    import zlib
+
+    import jax
+
+    from contentv_jax.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_videos=5, num_frames=30, fps=8,
+                                  sizes=((64, 64), (48, 80)))
+    kw = dict(fps=8, max_frames=9, max_height=64, max_width=80, max_sequence_length=8, progress=False)
+    serial = enc.encode_dataset(data, tmp_path / "s", PoolingVAE(), text, decode_workers=0, vae_batch_size=1,
+                                text_batch_size=1, **kw)
+    over = enc.encode_dataset(data, tmp_path / "o", PoolingVAE(), text, decode_workers=2, prefetch=2,
+                              vae_batch_size=2, text_batch_size=3, **kw)
+    assert serial.records == over.records == 15 and len(serial.records_per_bucket) == 2
+    assert serial.records_per_bucket == over.records_per_bucket
+    assert all(over.stage_seconds[k] > 0 for k in enc.STAGES), over.stage_seconds
+    a, b = _records(tmp_path / "s"), _records(tmp_path / "o")
+    assert list(a) == list(b)
+    for name in a:
+        assert [r["meta"] for r in a[name]] == [r["meta"] for r in b[name]]
+        for ra, rb in zip(a[name], b[name]):
+            for k in ("latents", "prompt_embeds", "pooled"):
+                np.testing.assert_allclose(rb[k], ra[k], rtol=0, atol=1e-6)
+
+    sampled = enc.encode_dataset(data, tmp_path / "r", PoolingVAE(), text, decode_workers=2, vae_batch_size=3,
+                                 latent_mode="sample", seed=7, **kw)
+    assert sampled.records == 15
+    vae = PoolingVAE()
+    for name, recs in _records(tmp_path / "r").items():
+        for r in recs:
+            m = r["meta"]
+            frames = _pyav_frames(data / m["file"])[m["frame_indices"]]
+            h, w = (int(v) for v in re.fullmatch(r"f9_h(\d+)_w(\d+)\.array_record", name).groups())
+            x = video.resize_center_crop(frames, h, w).astype(np.float32) / 127.5 - 1
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), zlib.crc32(m["file"].encode())), m["clip"])
+            want = np.asarray(vae.normalize(vae.encode(x[None]).sample(key)))[0]
+            np.testing.assert_allclose(r["latents"], want, rtol=0, atol=1e-5)
+            assert not np.allclose(r["latents"], np.asarray(vae.normalize(vae.encode(x[None]).mode()))[0], atol=1e-3)
+
+
+def test_decode_runs_ahead_of_the_vae(tmp_path, text, monkeypatch):
+    """Overlap, shown by events rather than timing: while the VAE encodes the first file's clip, the
+    decode of a later file has started (overlapped), and has not (serial)."""
+    import threading
+
+    from contentv_jax.data.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_videos=3, num_frames=10, fps=8, sizes=((64, 64),))
+    started = []
+    later_started = threading.Event()
+    iter_clips = enc._iter_clips
+
+    def traced_iter_clips(path, *a):
+        started.append(path.name)
+        if len(started) >= 2:
+            later_started.set()
+        return iter_clips(path, *a)
+
+    class WaitingVAE(PoolingVAE):
+        def __init__(self, wait):
+            super().__init__()
+            self.wait, self.seen = wait, []
+
+        def encode(self, x):
+            if not self.seen:  # first VAE call: is another file being decoded meanwhile?
+                self.seen.append(later_started.wait(timeout=300) if self.wait else later_started.is_set())
+            return super().encode(x)
+
+    monkeypatch.setattr(enc, "_iter_clips", traced_iter_clips)
+    kw = dict(fps=8, max_frames=9, max_height=64, max_width=64, max_sequence_length=8, progress=False)
+    vae = WaitingVAE(wait=True)
+    assert enc.encode_dataset(data, tmp_path / "o", vae, text, decode_workers=2, **kw).records == 3
+    assert vae.seen == [True]
+    started.clear()
+    later_started.clear()
+    vae = WaitingVAE(wait=False)
+    assert enc.encode_dataset(data, tmp_path / "s", vae, text, decode_workers=0, **kw).records == 3
+    assert vae.seen == [False]
+
+
+@pytest.mark.parametrize("flag,value", [("--decode-workers", "-1"), ("--text-batch-size", "0"), ("--vae-batch-size", "0")])
+def test_cli_rejects_bad_stage_options(flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        enc.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--vae", "v", "--text-encoders", "t", flag, value])
+    assert e.value.code == 2
+    assert flag in capsys.readouterr().err

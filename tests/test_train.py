@@ -205,3 +205,34 @@ def test_sigterm_saves_and_stops_cleanly(base, tmp_path, monkeypatch):
     assert summary["final_step"] == 3
     assert sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()) == [3]
     assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_metrics_are_read_only_on_logging_steps(base, tmp_path):
+    """With ``logging.every=5`` the host reads no metrics between logging steps: the reads of steps 1-5
+    come after step 6 is dispatched (one step behind), those of 6-10 after step 11, and the last
+    steps' at the end; every step's loss still reaches the summary, and the log holds steps 5, 10, 12."""
+    run = tmp_path / "run"
+    trainer = Trainer(
+        load_train_config(None, base + [f"run_dir={run}", "steps=12", "logging.every=5", "checkpoint.every=1000",
+                                        "logging.tensorboard=false"]),
+        devices=jax.devices()[:1],
+    ).setup()
+    events = []
+    dispatch, read = trainer._dispatch, trainer._read_metrics
+
+    def traced_dispatch(batch):
+        events.append("D")
+        return dispatch(batch)
+
+    def traced_read(metrics):
+        events.append("R")
+        return read(metrics)
+
+    trainer._dispatch, trainer._read_metrics = traced_dispatch, traced_read
+    summary = trainer.run()
+    assert summary["final_step"] == 12 and len(summary["losses"]) == 12
+    assert "".join(events) == "D" * 6 + "R" * 5 + "D" * 5 + "R" * 5 + "D" + "R" * 2, "".join(events)
+    logged = read_metrics(run)
+    assert [r["step"] for r in logged if "loss" in r] == [5, 10, 12]
+    assert [r["loss"] for r in logged if "loss" in r] == [summary["losses"][i] for i in (4, 9, 11)]
+    assert np.isfinite(summary["losses"]).all()

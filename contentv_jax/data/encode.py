@@ -44,7 +44,10 @@ naming the file, counted in :class:`EncodeStats` (``skipped[reason] = [files]``)
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -89,6 +92,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
 SKIP_REASONS = ("unreadable", "too_short", "no_caption", "missing_file", "bad_caption_line")
+STAGES = ("decode", "vae", "text", "write")
 
 
 @dataclasses.dataclass
@@ -96,7 +100,12 @@ class EncodeStats:
     """Counts of an encode run. ``skipped`` maps a reason (``unreadable``: corrupt, truncated or
     zero-byte; ``too_short``: shorter than one clip; ``no_caption``: a media file in the data dir with no
     caption line; ``missing_file``: a caption whose file does not exist; ``bad_caption_line``) to the
-    files (or ``captions.jsonl:<line>``) skipped for it."""
+    files (or ``captions.jsonl:<line>``) skipped for it.
+
+    ``seconds`` is the run's wall time; ``stage_seconds`` the time spent in each stage (``decode``:
+    probe, decode, resize and crop, summed over the decode threads; ``vae``: VAE calls, device to host
+    included; ``text``: text-encoder calls; ``write``: record bytes and array_record writes). Serially the
+    wall time is about their sum; overlapped, it approaches the largest (``bench/encode.py``)."""
 
     files_seen: int = 0
     files_encoded: int = 0
@@ -104,6 +113,7 @@ class EncodeStats:
     records_per_bucket: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
     seconds: float = 0.0
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
     def num_skipped(self) -> int:
@@ -295,19 +305,104 @@ def _iter_clips(path: Path, index_lists: list[np.ndarray], height: int, width: i
     raise VideoReadError(f"video {str(path)!r}: frame {last[nxt]} requested but only {n} frames decode (truncated?)")
 
 
+@dataclasses.dataclass(eq=False)
+class _File:
+    """One caption line on its way through the stages: its clips (uint8 (T, H, W, 3) at the bucket's
+    size) after decoding, then its latents and its text batch's future; ``skip`` = (reason, why)."""
+
+    file: str
+    captions: list
+    fields: dict
+    bucket: Bucket | None = None
+    index_lists: list = dataclasses.field(default_factory=list)
+    clips: list = dataclasses.field(default_factory=list)
+    latents: list = dataclasses.field(default_factory=list)
+    text: Any = None
+    text_rows: tuple = (0, 0)
+    skip: tuple | None = None
+    seconds: float = 0.0
+
+
+def _prepare_file(item, *, data_dir: Path, image_buckets, video_buckets, fps, max_clips_per_video,
+                  images_per_video) -> _File:
+    """Stage 1 (run on the decode threads): probe one file, pick its bucket, cut its clips, decode and
+    resize + crop them. Never raises for bad input: a missing, unreadable or too short file comes back
+    with ``skip`` set."""
+    file, captions, fields = item
+    t = time.perf_counter()
+    f = _File(file, captions, fields)
+    path = data_dir / file
+    if not path.is_file():
+        f.skip = ("missing_file", f"captioned but not found at {path}")
+        return f
+    try:
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            img = _read_image(path)
+            f.bucket = assign_bucket(image_buckets, img.shape[1], img.shape[2], 1, 1.0)
+            f.index_lists = [np.zeros(1, np.int64)]
+            f.clips = [resize_center_crop(img, f.bucket.height, f.bucket.width)]
+        else:
+            info = probe_video(path, exact=True)  # demux only; detects truncation
+            if video_buckets:
+                f.bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
+            else:  # an image-only stage (max_frames = 1): frames of videos are images
+                f.bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
+            if f.bucket is None:
+                f.index_lists = []
+            elif not video_buckets:  # images_per_video frames, spread out over the video
+                n = min(images_per_video, info.num_frames)
+                f.index_lists = [np.array([int((k + 0.5) * info.num_frames / n)], np.int64) for k in range(n)]
+            else:
+                f.index_lists = clip_frame_indices(info.num_frames, info.fps, f.bucket.frames, fps,
+                                                   max_clips=max_clips_per_video)
+            if not f.index_lists:
+                need = f.bucket.frames if f.bucket else min(b.frames for b in video_buckets)
+                f.skip = ("too_short", f"{info.num_frames} frames at {info.fps:g} fps hold no clip of {need} frames "
+                          f"at {fps:g} fps")
+            else:  # all of a file's clips, so a file truncated after its first clips writes no record
+                f.clips = list(_iter_clips(path, f.index_lists, f.bucket.height, f.bucket.width))
+    except VideoReadError as e:
+        f.skip, f.clips = ("unreadable", str(e)), []
+    f.latents = [None] * len(f.clips)
+    f.seconds = time.perf_counter() - t
+    return f
+
+
+class _Inline:
+    """``submit`` runs the call at once (the serial encode's stand-in for a thread pool)."""
+
+    def submit(self, fn, *args):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:
+            future.set_exception(e)
+        return future
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
 # ------------------------------------------------------------------------------------------------
 # VAE
 
 def _make_vae_fn(vae, latent_mode: str):
-    """``fn(x (B, T, H, W, 3) float32 in [-1, 1], key) -> normalised latents (B, T', h, w, C)``.
+    """``fn(x (B, T, H, W, 3) float32 in [-1, 1], keys (B PRNG keys)) -> normalised latents (B, T', h, w, C)``.
 
     Calls the VAE's own ``encode`` (the Wan VAE compiles it once per input shape) and ``normalize``.
+    With ``latent_mode="sample"`` clip ``b`` gets ``mean + std * eps_b``, ``eps_b ~ N(0, 1)`` drawn from
+    ``keys[b]`` alone (``DiagonalGaussian.sample`` of that clip), so a clip's latents do not depend on
+    which clips share its VAE batch.
     """
+    import jax
     import jax.numpy as jnp
 
-    def run(x, key):
+    def run(x, keys):
         dist = vae.encode(jnp.asarray(x))
-        z = dist.sample(key) if latent_mode == "sample" else dist.mode()
+        z = dist.mode()
+        if latent_mode == "sample":
+            eps = jnp.stack([jax.random.normal(k, z.shape[1:], jnp.float32) for k in keys]).astype(z.dtype)
+            z = z + dist.std * eps
         return vae.normalize(z)
 
     return run
@@ -348,6 +443,9 @@ def encode_dataset(
     latent_mode: str = "mode",
     embeds_dtype: str = "float32",
     vae_batch_size: int = 1,
+    text_batch_size: int = 16,
+    decode_workers: int = 2,
+    prefetch: int = 4,
     seed: int = 0,
     progress: bool = True,
     num_shards: int = 1,
@@ -370,7 +468,15 @@ def encode_dataset(
       latent_mode: ``"mode"`` (the posterior mean) or ``"sample"`` (key from ``seed``, the file name and
         the clip number: the same with any sharding).
       embeds_dtype: storage of text embeddings, ``"float32"`` or ``"float16"`` (read back as float32).
-      vae_batch_size: clips per VAE call (same bucket only).
+      vae_batch_size: clips per VAE call, of one bucket, gathered across files (a clip's latents do not
+        depend on it).
+      text_batch_size: captions per text-encoder call, gathered across files.
+      decode_workers: threads that probe, decode, resize and crop files ahead of the VAE (grain's read
+        threads, in input order); the text encoder and the record writer then run on a thread each, so
+        the four stages overlap. 0: every stage in the calling thread, one after another (the serial
+        bound; the records are the same). Memory: about ``prefetch + decode_workers`` files' clips
+        (uint8 at the bucket's size) are held at a time.
+      prefetch: files decoded ahead of the VAE.
       num_shards, shard_index: encode only the caption lines ``i`` with ``i % num_shards ==
         shard_index`` (one process or machine per shard, same ``out_dir``); each shard writes its own
         record files and ``index.shard-SSSSS-of-NNNNN.json``; the shard that finds all shard indexes
@@ -391,6 +497,10 @@ def encode_dataset(
     if num_shards > 1 and not run_id:
         raise ValueError("a sharded encode needs a run_id shared by all its shards (--run-id), so that shard "
                          "indexes left by an earlier run are never merged into this one")
+    for name, v, lo in (("vae_batch_size", vae_batch_size, 1), ("text_batch_size", text_batch_size, 1),
+                        ("decode_workers", decode_workers, 0), ("prefetch", prefetch, 0)):
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
     if images_per_video < 1:
         raise ValueError(f"images_per_video must be >= 1, got {images_per_video}")
     if latent_mode not in ("mode", "sample"):
@@ -428,86 +538,127 @@ def encode_dataset(
             bucket_of[b.key] = b
         return writers[b.key][0]
 
+    prepare = functools.partial(
+        _prepare_file, data_dir=data_dir, image_buckets=image_buckets, video_buckets=video_buckets, fps=fps,
+        max_clips_per_video=max_clips_per_video, images_per_video=images_per_video,
+    )
+    if decode_workers > 0:  # stage 1 on grain's read threads, in order, up to ``prefetch`` files ahead
+        import grain
+
+        prepared = iter(grain.MapDataset.source(items).map(prepare).to_iter_dataset(
+            grain.ReadOptions(num_threads=decode_workers, prefetch_buffer_size=max(prefetch, 1))))
+        text_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode-text")
+        write_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode-write")
+    else:  # serial: every stage in this thread, one after another
+        prepared = map(prepare, items)
+        text_pool = write_pool = _Inline()
+    seconds = stats.stage_seconds
+
+    def encode_text(captions):  # stage 3: the captions of several files, one call
+        t = time.perf_counter()
+        out = text.encode(captions, max_sequence_length=max_sequence_length)
+        seconds["text"] += time.perf_counter() - t
+        return out
+
+    def write(w, records):  # stage 4: record bytes, appended in submission order (one writer thread)
+        t = time.perf_counter()
+        for z, embeds, pooled, meta in records:
+            w.write(encode_record(z, embeds.astype(edtype), pooled.astype(edtype), meta))
+        seconds["write"] += time.perf_counter() - t
+
+    text_wait: list[_File] = []  # files whose captions wait for a text batch
+    vae_wait: dict[str, list[tuple[_File, int]]] = {}  # per bucket: clips waiting for a full VAE batch
+    queued: dict[str, collections.deque] = {}  # per bucket, files in input order, not yet written
+    writes: list[concurrent.futures.Future] = []
+
+    def flush_text():
+        if text_wait:
+            future = text_pool.submit(encode_text, [c for f in text_wait for _, c in f.captions])
+            o = 0
+            for f in text_wait:
+                f.text, f.text_rows, o = future, (o, o + len(f.captions)), o + len(f.captions)
+            text_wait.clear()
+
+    def flush_vae(key):  # stage 2: one VAE call on up to vae_batch_size clips of one bucket
+        batch = vae_wait.pop(key, [])
+        if not batch:
+            return
+        t = time.perf_counter()
+        x = np.stack([f.clips[j] for f, j in batch]).astype(np.float32) / 127.5 - 1.0
+        keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(f.file.encode())), j)
+                for f, j in batch]
+        lat = np.asarray(jax.device_get(vae_fn(x, keys)), dtype=np.float32)
+        seconds["vae"] += time.perf_counter() - t
+        if lat.ndim != 5 or lat.shape[0] != len(batch):
+            raise ValueError(f"VAE returned latents of shape {lat.shape}; expected ({len(batch)}, T', h, w, C)")
+        for (f, j), z in zip(batch, lat):
+            f.latents[j] = z
+            f.clips[j] = None  # the pixels are no longer needed
+
+    def emit(key, final=False):
+        """Hand the finished files at the head of bucket ``key``'s queue to the writer, in input order."""
+        nonlocal latent_channels
+        q = queued.get(key, ())
+        while q and (final or (all(z is not None for z in q[0].latents) and q[0].text is not None and q[0].text.done())):
+            f = q.popleft()
+            embeds, pooled = f.text.result()
+            embeds, pooled = embeds[slice(*f.text_rows)], pooled[slice(*f.text_rows)]
+            if len(f.captions) == 1:  # one caption keeps the (L, Dctx) / (Dpool,) layout
+                embeds, pooled = embeds[0], pooled[0]
+            latent_channels = f.latents[0].shape[-1]
+            records = []
+            for j, z in enumerate(f.latents):
+                meta = {"file": f.file, "caption": f.captions[0][1], "clip": j,
+                        "frame_indices": f.index_lists[j].tolist(), "bucket": key}
+                if len(f.captions) > 1:
+                    meta["captions"] = [c for _, c in f.captions]
+                    meta["caption_kinds"] = [k for k, _ in f.captions]
+                if f.fields:
+                    meta["fields"] = f.fields
+                records.append((z, embeds, pooled, meta))
+                rec_fields.setdefault(key, []).append(f.fields)
+            writes.append(write_pool.submit(write, writer_for(f.bucket), records))
+            stats.records += len(records)
+            stats.records_per_bucket[key] = stats.records_per_bucket.get(key, 0) + len(records)
+            stats.files_encoded += 1
+
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc="encode", unit="file")
     try:
-        for file, captions, fields in items:
+        for f in prepared:
             stats.files_seen += 1
+            seconds["decode"] += f.seconds
             if bar is not None:
                 bar.update(1)
-            path = data_dir / file
-            if not path.is_file():
-                _skip(stats, "missing_file", file, f"captioned but not found at {path}")
+            if f.skip is not None:
+                _skip(stats, f.skip[0], f.file, f.skip[1])
                 continue
-            try:
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    img = _read_image(path)
-                    bucket = assign_bucket(image_buckets, img.shape[1], img.shape[2], 1, 1.0)
-                    index_lists = [np.zeros(1, np.int64)]
-                    clips = iter([resize_center_crop(img, bucket.height, bucket.width)])
-                else:
-                    info = probe_video(path, exact=True)  # demux only; detects truncation
-                    if video_buckets:
-                        bucket = assign_bucket(video_buckets, info.height, info.width, info.num_frames, info.fps, fps)
-                    else:  # an image-only stage (max_frames = 1): frames of videos are images
-                        bucket = assign_bucket(image_buckets, info.height, info.width, 1, 1.0)
-                    if bucket is None:
-                        index_lists = []
-                    elif not video_buckets:  # images_per_video frames, spread out over the video
-                        n = min(images_per_video, info.num_frames)
-                        index_lists = [np.array([int((k + 0.5) * info.num_frames / n)], np.int64) for k in range(n)]
-                    else:
-                        index_lists = clip_frame_indices(
-                            info.num_frames, info.fps, bucket.frames, fps, max_clips=max_clips_per_video
-                        )
-                    if not index_lists:
-                        _skip(stats, "too_short", file, f"{info.num_frames} frames at {info.fps:g} fps hold no clip "
-                              f"of {bucket.frames if bucket else min(b.frames for b in video_buckets)} frames "
-                              f"at {fps:g} fps")
-                        continue
-                    clips = _iter_clips(path, index_lists, bucket.height, bucket.width)
-                embeds, pooled = None, None
-                latents = []  # a file's records are written only once all of its clips encoded
-                for c0 in range(0, len(index_lists), vae_batch_size):
-                    chunk = [next(clips) for _ in range(min(vae_batch_size, len(index_lists) - c0))]
-                    x = np.stack(chunk).astype(np.float32) / 127.5 - 1.0
-                    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), zlib.crc32(file.encode())), c0)
-                    lat = np.asarray(jax.device_get(vae_fn(x, key)), dtype=np.float32)
-                    if lat.ndim != 5 or lat.shape[0] != len(chunk):
-                        raise ValueError(f"VAE returned latents of shape {lat.shape}; expected ({len(chunk)}, T', h, w, C)")
-                    latents.extend(lat)
-            except VideoReadError as e:
-                _skip(stats, "unreadable", file, str(e))
-                continue
-
-            # every caption of the clip: (K, L, Dctx) / (K, Dpool); one caption keeps the (L, Dctx) layout
-            embeds, pooled = text.encode([c for _, c in captions], max_sequence_length=max_sequence_length)
-            if len(captions) == 1:
-                embeds, pooled = embeds[0], pooled[0]
-            w = writer_for(bucket)
-            latent_channels = latents[0].shape[-1]
-            for j, z in enumerate(latents):
-                meta = {
-                    "file": file,
-                    "caption": captions[0][1],
-                    "clip": j,
-                    "frame_indices": index_lists[j].tolist(),
-                    "bucket": bucket.key,
-                }
-                if len(captions) > 1:
-                    meta["captions"] = [c for _, c in captions]
-                    meta["caption_kinds"] = [k for k, _ in captions]
-                if fields:
-                    meta["fields"] = fields
-                w.write(encode_record(z, embeds.astype(edtype), pooled.astype(edtype), meta))
-                rec_fields.setdefault(bucket.key, []).append(fields)
-                stats.records += 1
-                stats.records_per_bucket[bucket.key] = stats.records_per_bucket.get(bucket.key, 0) + 1
-            stats.files_encoded += 1
+            key = f.bucket.key
+            queued.setdefault(key, collections.deque()).append(f)
+            text_wait.append(f)
+            if sum(len(g.captions) for g in text_wait) >= text_batch_size:
+                flush_text()
+            for j in range(len(f.clips)):
+                vae_wait.setdefault(key, []).append((f, j))
+                if len(vae_wait[key]) >= vae_batch_size:
+                    flush_vae(key)
+            emit(key)
+            for w in writes:  # surface a failed write now, not at the end
+                if w.done() and w.exception() is not None:
+                    w.result()
+        flush_text()
+        for key in list(vae_wait):
+            flush_vae(key)
+        for key in list(queued):
+            emit(key, final=True)
+        for w in writes:
+            w.result()
     except BaseException:
+        text_pool.shutdown(wait=True, cancel_futures=True)
+        write_pool.shutdown(wait=True, cancel_futures=True)
         for w, tmp, _ in writers.values():
             w.close()
             tmp.unlink(missing_ok=True)
@@ -515,6 +666,8 @@ def encode_dataset(
     finally:
         if bar is not None:
             bar.close()
+    text_pool.shutdown(wait=True)
+    write_pool.shutdown(wait=True)
     for w, _, _ in writers.values():
         w.close()
 
@@ -661,13 +814,19 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
                    help="image-only stage (--max-frames 1): frames taken per video, spread out evenly")
     p.add_argument("--latent-mode", choices=("mode", "sample"), default="mode")
     p.add_argument("--embeds-dtype", choices=("float32", "float16"), default="float32")
-    p.add_argument("--vae-batch-size", type=int, default=1)
+    p.add_argument("--vae-batch-size", type=int, default=1, help="clips per VAE call (one bucket, across files)")
+    p.add_argument("--text-batch-size", type=int, default=16, help="captions per text-encoder call")
+    p.add_argument("--decode-workers", type=int, default=2,
+                   help="threads decoding ahead of the VAE; 0: the stages one after another")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1, help="split the caption lines over this many encode jobs")
     p.add_argument("--shard-index", type=int, default=0, help="this job's shard (0-based)")
     p.add_argument("--run-id", default="", help="an id every shard of one sharded encode shares (required "
                    "with --num-shards > 1): only this run's shard indexes are merged")
     a = p.parse_args(argv)
+    for name, lo in (("vae_batch_size", 1), ("text_batch_size", 1), ("decode_workers", 0)):
+        if getattr(a, name) < lo:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: expected an integer >= {lo}")
     for name in ("data", "vae", "text_encoders"):
         if not Path(getattr(a, name)).exists():
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: no such file or directory")
@@ -675,7 +834,8 @@ def main(argv: Sequence[str] | None = None) -> EncodeStats:
         a.data, a.out, a.vae, a.text_encoders, fps=a.fps, max_frames=a.max_frames, max_height=a.max_height,
         max_width=a.max_width, max_clips_per_video=a.max_clips_per_video, images_per_video=a.images_per_video,
         max_sequence_length=a.max_sequence_length, latent_mode=a.latent_mode, embeds_dtype=a.embeds_dtype,
-        vae_batch_size=a.vae_batch_size, seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
+        vae_batch_size=a.vae_batch_size, text_batch_size=a.text_batch_size, decode_workers=a.decode_workers,
+        seed=a.seed, num_shards=a.num_shards, shard_index=a.shard_index,
         run_id=a.run_id,
     )
 

@@ -156,7 +156,7 @@ def prepare(cfg: Any, model_config=None) -> Prepared:
         encode_dataset(
             data_dir, cache, v, text, fps=d.fps, max_frames=b.max_frames, max_height=b.max_height,
             max_width=b.max_width, max_sequence_length=cfg.text.max_length, seed=cfg.seed,
-            images_per_video=d.images_per_video,
+            images_per_video=d.images_per_video, decode_workers=d.encode_workers, vae_batch_size=d.encode_batch_size,
             progress=cfg.logging.progress_bar,
         )
 

@@ -513,16 +513,60 @@ class Decoder3d(nnx.Module):
         self.norm_out = RMSNorm(out_dim, param_dtype=param_dtype)
         self.conv_out = CausalConv3d(out_dim, cfg.out_channels, 3, padding=1, **kw)
 
-    def __call__(self, x: jax.Array, cache: _Cache) -> jax.Array:
+    def __call__(self, x: jax.Array, cache: _Cache, head_frames: int | None = 1) -> jax.Array:
+        """``head_frames``: the full-resolution section (the last spatial upsampler, the top up-block,
+        norm_out and conv_out, where the largest activations are: 96 channels at the output size) runs
+        ``head_frames`` frames at a time, in a scan that carries its causal cache from one frame group
+        to the next. The result is the same as the whole chunk at once (every op there is per frame or
+        causal in time); the working set of that section shrinks by ``frames / head_frames``. ``None``
+        runs the chunk at once (diffusers' order)."""
         x, c = self.conv_in(x, cache.take())
         cache.put(c)
         x = self.mid_block(x, cache)
-        for block in self.up_blocks:
-            x = block(x, cache)
-        x = jax.nn.silu(self.norm_out(x))
-        x, c = self.conv_out(x, cache.take())
-        cache.put(c)
-        return x
+        *body, top = self.up_blocks
+        # a spatial-only upsampler (no time conv, no cache) just below the top block joins the section
+        pre = list(body[-1].upsamplers) if body and [u.mode for u in body[-1].upsamplers] == ["upsample2d"] else []
+        for i, block in enumerate(body):
+            for resnet in block.resnets:
+                x = resnet(x, cache)
+            if not (pre and i == len(body) - 1):
+                for up in block.upsamplers:
+                    x = up(x, cache)
+
+        def section(x, cache):
+            for up in pre:
+                x = up(x, cache)
+            x = top(x, cache)
+            x = jax.nn.silu(self.norm_out(x))
+            x, c = self.conv_out(x, cache.take())
+            cache.put(c)
+            return x
+
+        return _in_time_groups(section, x, cache, head_frames)
+
+
+def _in_time_groups(fn, x: jax.Array, cache: _Cache, frames: int | None) -> jax.Array:
+    """``fn(x, cache)`` (causal in time, cache entries taken and put in a fixed order) applied to ``x``
+    ``(B, T, H, W, C)`` ``frames`` frames at a time: the first group under ``cache``'s entries, each later
+    group (a ``lax.scan``, so one group's buffers are live at a time) under the entries the previous group
+    put; the last group's entries are put into ``cache``. Equal to ``fn(x, cache)``; unchanged when
+    ``frames`` is None or does not divide ``T`` into two or more groups."""
+    t = x.shape[1]
+    if not frames or t <= frames or t % frames:
+        return fn(x, cache)
+    offset = len(cache.new)
+    sub = _Cache(None if cache.first else cache.old[offset:])
+    y0 = fn(x[:, :frames], sub)
+
+    def step(entries, xg):
+        cc = _Cache(entries)
+        y = fn(xg, cc)
+        return cc.new, y
+
+    entries, ys = jax.lax.scan(step, sub.new, einops.rearrange(x[:, frames:], "b (n g) h w c -> n b g h w c", g=frames))
+    for e in entries:
+        cache.put(e)
+    return jnp.concatenate([y0, einops.rearrange(ys, "n b g h w c -> b (n g) h w c")], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,17 +630,18 @@ def _encode_impl(model: WanVAE, x: jax.Array) -> jax.Array:
     return model.quant_conv(moments)[0]
 
 
-def _decode_impl(model: WanVAE, z: jax.Array, clamp: bool) -> jax.Array:
+def _decode_impl(model: WanVAE, z: jax.Array, clamp: bool, head_frames: int | None = 1) -> jax.Array:
     """post_quant_conv + chunked decoder: z (B, 1 + k, h, w, z_dim) -> (B, 1 + 4k, 8h, 8w, 3).
 
     Each chunk's frames are written into the output buffer carried through the scan (in place), so
     the only buffers that scale with the number of frames are the latents and the output itself.
+    Inside a chunk the full-resolution layers run ``head_frames`` frames at a time (``Decoder3d``).
     """
     b, t = z.shape[:2]
     ts = model.config.temporal_scale
     x = model.post_quant_conv(z)[0]
     cache = _Cache(None)
-    first = model.decoder(x[:, :1], cache)
+    first = model.decoder(x[:, :1], cache, head_frames)
     if clamp:
         first = jnp.clip(first, -1.0, 1.0)
     if t == 1:
@@ -607,7 +652,7 @@ def _decode_impl(model: WanVAE, z: jax.Array, clamp: bool) -> jax.Array:
     def step(carry, i):
         cache_in, out = carry
         cc = _Cache(cache_in)
-        y = model.decoder(jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1), cc)
+        y = model.decoder(jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1), cc, head_frames)
         if clamp:
             y = jnp.clip(y, -1.0, 1.0)
         out = jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), 1 + ts * (i - 1), axis=1)
@@ -622,9 +667,9 @@ def _encode_jit(graphdef, state, x):
     return _encode_impl(nnx.merge(graphdef, state), x)
 
 
-@functools.partial(jax.jit, static_argnames="clamp")
-def _decode_jit(graphdef, state, z, clamp=True):
-    return _decode_impl(nnx.merge(graphdef, state), z, clamp)
+@functools.partial(jax.jit, static_argnames=("clamp", "head_frames"))
+def _decode_jit(graphdef, state, z, clamp=True, head_frames=1):
+    return _decode_impl(nnx.merge(graphdef, state), z, clamp, head_frames)
 
 
 def _blend_tiles(rows, blend: tuple[int, int], stride: tuple[int, int], size: tuple[int, int]) -> jax.Array:

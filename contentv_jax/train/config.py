@@ -75,7 +75,9 @@ class DataSection:
 
     ``caption_dropout``: probability of replacing a sample's text by the empty prompt (for CFG).
     ``fps``: clip frame rate. ``num_synthetic`` / ``synthetic_frames``: the synthetic dataset's video
-    count and frames per video (at ``fps``). ``num_threads``: grain read threads. ``images_per_video``:
+    count and frames per video (at ``fps``). ``num_threads``: grain read threads. ``encode_workers``: the
+    encode stage's decode threads (0: its stages one after another; ``encode_dataset``'s
+    ``decode_workers``), ``encode_batch_size``: clips per VAE call (one bucket). ``images_per_video``:
     an image-only stage (``buckets.max_frames`` 1) takes this many evenly spread frames per video.
     ``caption_weights``: with several captions per clip (``captions.jsonl``'s ``captions`` list,
     ``short_caption``, ``long_caption``), the draw weight of each kind (``caption``, ``short``, ``long``),
@@ -93,6 +95,8 @@ class DataSection:
     num_synthetic: int = 16
     synthetic_frames: int = 24
     num_threads: int = 2
+    encode_workers: int = 2
+    encode_batch_size: int = 1
     images_per_video: int = 1
     caption_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     filter: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -317,6 +321,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         err("model.latent_channels", f"must be >= 0, got {cfg.model.latent_channels}")
     if not cfg.data.dir and cfg.data.synthetic_frames < cfg.buckets.max_frames:
         err("data.synthetic_frames", f"must be >= buckets.max_frames={cfg.buckets.max_frames} for one clip per video")
+    if cfg.data.encode_workers < 0:
+        err("data.encode_workers", f"must be >= 0, got {cfg.data.encode_workers}")
+    if cfg.data.encode_batch_size < 1:
+        err("data.encode_batch_size", f"must be >= 1, got {cfg.data.encode_batch_size}")
     if cfg.data.images_per_video < 1:
         err("data.images_per_video", f"must be >= 1, got {cfg.data.images_per_video}")
     if cfg.data.fps <= 0:

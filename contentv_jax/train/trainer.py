@@ -523,10 +523,15 @@ class Trainer:
     def run(self) -> dict:
         """Train until ``cfg.steps``; returns a summary (``final_step``, ``losses``, ``skipped_files``, ...).
 
-        The host never waits for the step it just dispatched: step N's metrics are read after step
-        N + 1 is dispatched (MaxText's one-step-behind pattern), so the host prepares and dispatches
-        the next batch while the device computes. A non-finite stop therefore takes effect one step
-        after the step that reached ``max_nonfinite``. A SIGTERM (on any host) stops every process at
+        The host never waits for the step it just dispatched, and reads metrics only when it logs:
+        the device metrics of each step are kept, and all steps up to a logging step N (``step %
+        logging.every == 0``, and the last step) are read in one go after step N + 1 is dispatched
+        (MaxText's one-step-behind pattern), so between logging steps the host prepares and dispatches
+        batches without a device-to-host transfer. Before a checkpoint is saved every dispatched step
+        is read (a checkpoint's step is logged before it is committed). A non-finite update is skipped
+        on the device at once (:func:`contentv_jax.train.optim.update_if_finite`); the stop at
+        ``max_nonfinite`` non-finite steps takes effect when they are read, at the next logging step
+        or checkpoint. A SIGTERM (on any host) stops every process at
         the same step (:meth:`_stop_check`), after one collective checkpoint save; exit status 0.
         """
         cfg = self.cfg
@@ -546,9 +551,8 @@ class Trainer:
         status = "completed"
         clock = {"t": time.perf_counter(), "n": 0}
 
-        def record(done_step, metrics, tokens, flops):
-            """Read one finished step's metrics on the host; log them; False when too many were non-finite."""
-            m = self._read_metrics(metrics)
+        def record(done_step, m, tokens, flops):
+            """Log one finished step's host metrics; False when too many steps were non-finite."""
             losses.append(m["loss"])
             clock["n"] += 1
             ok = True
@@ -568,7 +572,21 @@ class Trainer:
             bar.update(1, loss=m["loss"], **{"steps/s": m.get("steps_per_s", 0.0), "tok/s": m.get("tokens_per_s", 0.0)})
             return ok
 
-        pending = None  # (step, device metrics, tokens, flops) of the last dispatched step, not yet read
+        def logs(done_step):
+            return done_step % cfg.logging.every == 0 or done_step == cfg.steps
+
+        pending = []  # (step, device metrics, tokens, flops) of dispatched steps whose metrics are not read yet
+
+        def read(upto):
+            """Read and record every pending step <= ``upto`` (the first read waits for those steps; the
+            rest are done by then); False when too many were non-finite."""
+            ready = [p for p in pending if p[0] <= upto]
+            del pending[:len(ready)]
+            ok = True
+            for done_step, metrics, tokens, flops in ready:
+                ok = record(done_step, self._read_metrics(metrics), tokens, flops) and ok
+            return ok
+
         try:
             while step < cfg.steps:
                 local = next(self.data_iter)
@@ -577,11 +595,11 @@ class Trainer:
                 batch = self.global_batch(local)
                 metrics = self._dispatch(batch)
                 step += 1
-                ok = True if pending is None else record(*pending)
-                pending = (step, metrics, latent_tokens(batch["latents"].shape),
-                           train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1]))
+                ok = read(step - 1) if any(logs(p[0]) for p in pending) else True  # one step behind
+                pending.append((step, metrics, latent_tokens(batch["latents"].shape),
+                                train_step_flops(self.model_config, batch["latents"].shape, batch["prompt_embeds"].shape[1])))
                 if ok and self.ckpt.on_interval(step):  # a checkpoint's step is logged before it is committed
-                    ok, pending = record(*pending), None
+                    ok = read(step)
                 if not ok:
                     status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
                     break
@@ -597,7 +615,7 @@ class Trainer:
                 if stop_requested(step):
                     status = "interrupted by SIGTERM (checkpoint saved)"
                     break
-            if pending is not None and not record(*pending) and status == "completed":
+            if not read(step) and status == "completed":
                 status = f"stopped: {counts['nonfinite']} non-finite losses (max_nonfinite={cfg.max_nonfinite})"
             if last_saved != step:
                 self.ckpt.save(step, self.state, self.data_iter.get_state(), force=True)
