@@ -645,10 +645,11 @@ def encode_dataset(
                 vae_wait.setdefault(key, []).append((f, j))
                 if len(vae_wait[key]) >= vae_batch_size:
                     flush_vae(key)
-            emit(key)
-            for w in writes:  # surface a failed write now, not at the end
-                if w.done() and w.exception() is not None:
-                    w.result()
+            for k in list(queued):  # any bucket whose head file's text batch has finished meanwhile
+                emit(k)
+            for w in [w for w in writes if w.done()]:  # surface a failed write now, not at the end
+                w.result()
+                writes.remove(w)
         flush_text()
         for key in list(vae_wait):
             flush_vae(key)
