@@ -7,10 +7,14 @@ with ``kernel="chunked"`` (online softmax, FlashAttention-2 backward) under ``ja
 ``torch.nn.functional.scaled_dot_product_attention`` over the concatenated ``[video ; text]`` sequence (its CPU
 flash kernel). Modes: forward, and forward + backward (gradient of ``sum(out * g)`` for a fixed random ``g``
 with respect to q, k, v). Every (side, dtype, tokens, mode) runs in its own fresh subprocess, one after the other
-(torch, ours, torch, ours, ...), with a timeout (``--timeout``), so a slow case costs bounded time; each
-reports its seconds (after one warm-up call for ours, whose compile is timed apart) and its peak memory: the
-growth of the process's RSS high-water mark over the warm-up and timed calls, on top of the inputs; for ours
-also XLA's own temporary buffer size from the compiled executable's ``memory_analysis()``.
+(torch, ours, torch, ours, ...), with a timeout (``--timeout``), so a slow case costs bounded time. Each case
+runs twice. The timed run, under the default allocator, reports the seconds of one call after one warm-up call
+(ours also its compile, timed apart). The memory run, with glibc told to map every block over 64 KiB and to
+give freed memory back (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, so the heap's free lists do not
+count as use), reports the peak: the growth of the process's RSS high-water mark over the warm-up and timed
+calls, on top of the inputs; for ours also XLA's own temporary buffer size from the compiled executable's
+``memory_analysis()``. The two are apart because that allocator setting costs XLA's loop a page fault per
+block it allocates (a quarter of its time at 16k tokens) and is no setting anyone trains under.
 
 Also printed: the share of one Stage-3 block's matmul FLOPs that attention takes (closed form of
 ``bench/scale_plan.closed_form_flops``: attention 4 (S + L)^2 d against the block's projections and FFNs), and
@@ -81,6 +85,7 @@ def worker(side: str, dtype: str, tokens: int, mode: str, heads: int, head_dim: 
                 q.grad = k.grad = v.grad = None
                 (F.scaled_dot_product_attention(q, k, v) * tg).sum().backward()
 
+        call()  # warm-up, as ours
         t0 = time.perf_counter()
         call()
         out["seconds"] = time.perf_counter() - t0
@@ -121,8 +126,19 @@ def worker(side: str, dtype: str, tokens: int, mode: str, heads: int, head_dim: 
 
 
 def run_case(side, dtype, tokens, mode, heads, head_dim, timeout) -> dict:
+    """The timed run, then the memory run (module docstring), in fresh subprocesses; one dict of both."""
+    timed = _run_worker(side, dtype, tokens, mode, heads, head_dim, timeout, memory=False)
+    if "error" in timed:
+        return timed
+    mem = _run_worker(side, dtype, tokens, mode, heads, head_dim, timeout, memory=True)
+    if "error" in mem:
+        return mem
+    return {**timed, **{k: mem[k] for k in ("peak_mib", "xla_temp_mib") if k in mem}}
+
+
+def _run_worker(side, dtype, tokens, mode, heads, head_dim, timeout, memory) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, dtype, str(tokens), mode, str(heads), str(head_dim)]
-    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_TRIM_THRESHOLD_="0", MALLOC_MMAP_THRESHOLD_="65536") if memory else None
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     except subprocess.TimeoutExpired:

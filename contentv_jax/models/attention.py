@@ -149,81 +149,108 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_length: int | 
     return jnp.einsum("bnqk,bnkd->bnqd", p, vt).transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _logits(qb, kb, j, ck, valid, scale):
-    """(B, cq, N, D) x (B, ck, N, D) -> (B, N, cq, ck) float32 logits of key chunk ``j``; keys at or
-    past ``valid`` (padding) at a large negative value. The mask is built here, for this chunk only."""
-    s = jnp.einsum("bqnd,bknd->bnqk", qb, kb, preferred_element_type=jnp.float32) * scale
+def _logits(qb, kb, j, ck, valid):
+    """(B, N, cq, D) x (B, N, ck, D) -> (B, N, cq, ck) float32 logits of key chunk ``j`` (q comes
+    scaled); keys at or past ``valid`` (padding) at a large negative value, the mask built here, for
+    this chunk only."""
+    s = jnp.einsum("bnqd,bnkd->bnqk", qb, kb, preferred_element_type=jnp.float32)
     if valid is None:
         return s
     return jnp.where(j * ck + jnp.arange(ck) < valid, s, _NEG)
 
 
-def _flash_forward(qc, kc, vc, ck, valid, scale):
-    """Online softmax. qc: (nq, B, cq, N, D); kc, vc: (nk, B, ck, N, D), all in the compute dtype.
-    Returns out (nq, B, cq, N, D) in that dtype and the float32 log-sum-exp (nq, B, N, cq)."""
+def _key_chunks(nk, ck, valid):
+    """Static split of ``nk`` key chunks of ``ck`` keys when keys ``>= valid`` are padding: the
+    number of chunks with no padding, and the index of the one chunk that is part padding (or None).
+    Chunks past it hold only padding and are skipped: their probabilities are exactly 0."""
+    if valid is None:
+        return nk, None
+    full = valid // ck
+    return full, (full if valid % ck else None)
+
+
+def _flash_forward(qc, kc, vc, ck, valid):
+    """Online softmax. qc: (nq, B, N, cq, D), scaled by 1/sqrt(D); kc, vc: (nk, B, N, ck, D), all in the compute dtype.
+    Returns out (nq, B, N, cq, D) in that dtype and the float32 log-sum-exp (nq, B, N, cq).
+    Only the chunk that is part padding builds a mask; the full chunks run unmasked in the scan."""
     f32 = jnp.float32
+    full, partial = _key_chunks(kc.shape[0], ck, valid)
 
     def one_chunk(qb):
-        # the first key chunk (it holds key 0, always valid) starts the running max, sum and output;
-        # starting from the data rather than from constants keeps the carry's type right under shard_map
-        s = _logits(qb, kc[0], 0, ck, valid, scale)
-        m = s.max(-1)
-        p = jnp.exp(s - m[..., None])  # masked logits underflow to exactly 0 (m is a real logit)
-        init = (m, p.sum(-1), jnp.einsum("bnqk,bknd->bqnd", p.astype(vc.dtype), vc[0], preferred_element_type=f32))
+        def start(j, masked):
+            # the first key chunk (it holds key 0, always valid) starts the running max, sum and output;
+            # starting from the data rather than from constants keeps the carry's type right under shard_map
+            s = _logits(qb, kc[j], j, ck, valid if masked else None)
+            m = s.max(-1)
+            p = jnp.exp(s - m[..., None])  # masked logits underflow to exactly 0 (m is a real logit)
+            return m, p.sum(-1), jnp.einsum("bnqk,bnkd->bnqd", p.astype(vc.dtype), vc[j], preferred_element_type=f32)
 
-        def step(carry, xs):
-            m, l, acc = carry  # float32 (B, N, cq), (B, N, cq), (B, cq, N, D)
-            kb, vb, j = xs
-            s = _logits(qb, kb, j, ck, valid, scale)
+        def update(carry, kb, vb, j, masked):
+            m, l, acc = carry  # float32 (B, N, cq), (B, N, cq), (B, N, cq, D)
+            s = _logits(qb, kb, j, ck, valid if masked else None)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            pv = jnp.einsum("bnqk,bknd->bqnd", p.astype(vb.dtype), vb, preferred_element_type=f32)
-            acc = acc * corr.transpose(0, 2, 1)[..., None] + pv
-            return (m_new, l * corr + p.sum(-1), acc), None
+            pv = jnp.einsum("bnqk,bnkd->bnqd", p.astype(vb.dtype), vb, preferred_element_type=f32)
+            return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
-        nk = kc.shape[0]
-        (m, l, acc), _ = jax.lax.scan(step, init, (kc[1:], vc[1:], jnp.arange(1, nk)))
-        return (acc / l.transpose(0, 2, 1)[..., None]).astype(qc.dtype), m + jnp.log(l)
+        if full == 0:
+            carry = start(0, masked=True)
+        else:
+            carry = start(0, masked=False)
+            if full > 1:
+                step = lambda c, xs: (update(c, *xs, masked=False), None)  # noqa: E731
+                carry, _ = jax.lax.scan(step, carry, (kc[1:full], vc[1:full], jnp.arange(1, full)))
+            if partial is not None:
+                carry = update(carry, kc[partial], vc[partial], partial, masked=True)
+        m, l, acc = carry
+        return (acc / l[..., None]).astype(qc.dtype), m + jnp.log(l)
 
     return jax.lax.map(one_chunk, qc)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _flash(qc, kc, vc, ck, valid, scale):
-    return _flash_forward(qc, kc, vc, ck, valid, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(qc, kc, vc, ck, valid):
+    return _flash_forward(qc, kc, vc, ck, valid)[0]
 
 
-def _flash_fwd(qc, kc, vc, ck, valid, scale):
-    out, lse = _flash_forward(qc, kc, vc, ck, valid, scale)
+def _flash_fwd(qc, kc, vc, ck, valid):
+    out, lse = _flash_forward(qc, kc, vc, ck, valid)
     return out, (qc, kc, vc, out, lse)
 
 
-def _flash_bwd(ck, valid, scale, res, d_out):
+def _flash_bwd(ck, valid, res, d_out):
     """FlashAttention-2 backward: recompute each (q, k) block's probabilities from the saved
     log-sum-exp; memory is the inputs plus one block of logits. Matmuls take the compute dtype and
-    accumulate in float32; the gradients are float32 until cast to the inputs' dtype at the end."""
+    accumulate in float32; the gradients are float32 until cast to the inputs' dtype at the end.
+    Layouts as :func:`_flash_forward` (heads-major chunks)."""
     qc, kc, vc, out, lse = res
     f32 = jnp.float32
-    delta = jnp.einsum("cbqnd,cbqnd->cbnq", d_out, out, preferred_element_type=f32)  # rowsum(dO * O)
-    nk = kc.shape[0]
+    delta = jnp.einsum("cbnqd,cbnqd->cbnq", d_out, out, preferred_element_type=f32)  # rowsum(dO * O)
+    full, partial = _key_chunks(kc.shape[0], ck, valid)
 
     def q_step(carry, xs):
-        dk, dv = carry  # float32 (nk, B, ck, N, D)
+        dk, dv = carry  # float32 (nk, B, N, ck, D); chunks that hold only padding stay 0
         qb, dob, lse_b, delta_b = xs
 
-        def k_step(inner, j):
+        def k_step(inner, j, masked):
             dq, dk, dv = inner
             kb, vb = kc[j], vc[j]
-            p = jnp.exp(_logits(qb, kb, j, ck, valid, scale) - lse_b[..., None])  # (B, N, cq, ck) float32
-            dv = dv.at[j].add(jnp.einsum("bnqk,bqnd->bknd", p.astype(dob.dtype), dob, preferred_element_type=f32))
-            dp = jnp.einsum("bqnd,bknd->bnqk", dob, vb, preferred_element_type=f32)
-            ds = (p * (dp - delta_b[..., None]) * scale).astype(qb.dtype)
-            dq = dq + jnp.einsum("bnqk,bknd->bqnd", ds, kb, preferred_element_type=f32)
-            dk = dk.at[j].add(jnp.einsum("bnqk,bqnd->bknd", ds, qb, preferred_element_type=f32))
-            return (dq, dk, dv), None
+            s = _logits(qb, kb, j, ck, valid if masked else None)
+            p = jnp.exp(s - lse_b[..., None])  # (B, N, cq, ck) float32
+            dv = dv.at[j].add(jnp.einsum("bnqk,bnqd->bnkd", p.astype(dob.dtype), dob, preferred_element_type=f32))
+            dp = jnp.einsum("bnqd,bnkd->bnqk", dob, vb, preferred_element_type=f32)
+            ds = (p * (dp - delta_b[..., None])).astype(qb.dtype)  # d(logits); the scale is on q
+            dq = dq + jnp.einsum("bnqk,bnkd->bnqd", ds, kb, preferred_element_type=f32)
+            dk = dk.at[j].add(jnp.einsum("bnqk,bnqd->bnkd", ds, qb, preferred_element_type=f32))
+            return dq, dk, dv
 
-        (dq, dk, dv), _ = jax.lax.scan(k_step, ((qb * 0).astype(f32), dk, dv), jnp.arange(nk))
+        inner = ((qb * 0).astype(f32), dk, dv)
+        if full:
+            inner, _ = jax.lax.scan(lambda c, j: (k_step(c, j, masked=False), None), inner, jnp.arange(full))
+        if partial is not None:
+            inner = k_step(inner, partial, masked=True)
+        dq, dk, dv = inner
         return (dk, dv), dq.astype(qc.dtype)
 
     (dk, dv), dq = jax.lax.scan(q_step, ((kc * 0).astype(f32), (vc * 0).astype(f32)), (qc, d_out, lse, delta))
@@ -239,7 +266,7 @@ def chunked_attention(
     v: jax.Array,
     *,
     kv_length: int | None = None,
-    q_chunk: int = 512,
+    q_chunk: int = 1024,
     kv_chunk: int = 512,
 ) -> jax.Array:
     """Memory-lean attention: online softmax over key/value chunks (Rabe & Staats 2021; FlashAttention-2).
@@ -250,6 +277,11 @@ def chunked_attention(
     mask (``kv_length`` and chunk padding) is built per key chunk from its index, never as one array
     over all keys. The backward pass (a custom VJP) saves only the inputs, the output and the
     per-query log-sum-exp, and recomputes the probabilities.
+
+    The default chunks, 1024 queries x 512 keys, are the fastest of 256 to 4096 on a 2-core AVX-512 CPU at
+    16k tokens (forward and backward); one block of logits is then 2 MiB per head in float32.
+    The chunks are laid out heads-major, ``(chunks, B, N, chunk, D)``, once before the loops, so every
+    product inside them is a plain batched GEMM over (B, N) and no block is transposed per chunk.
     """
     b, sq, n, d = q.shape
     sk = k.shape[1]
@@ -257,11 +289,15 @@ def chunked_attention(
     cq, ck = min(q_chunk, sq), min(kv_chunk, sk)
     sq_p, sk_p = -(-sq // cq) * cq, -(-sk // ck) * ck
     k, v = (t.astype(q.dtype) for t in (k, v))
-    qc = pad_axis(q, 1, sq_p).reshape(b, sq_p // cq, cq, n, d).swapaxes(0, 1)
-    kc = pad_axis(k, 1, sk_p).reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
-    vc = pad_axis(v, 1, sk_p).reshape(b, sk_p // ck, ck, n, d).swapaxes(0, 1)
-    out = _flash(qc, kc, vc, ck, None if valid == sk_p else valid, 1.0 / math.sqrt(d))
-    return out.swapaxes(0, 1).reshape(b, sq_p, n, d)[:, :sq]
+
+    def to_chunks(t, s_p, c):  # (B, S, N, D) -> (S_p / c, B, N, c, D)
+        return pad_axis(t, 1, s_p).reshape(b, s_p // c, c, n, d).transpose(1, 0, 3, 2, 4)
+
+    # the logits' scale goes on q once, not on every (cq, ck) block of logits
+    qc = to_chunks(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), sq_p, cq)
+    kc, vc = to_chunks(k, sk_p, ck), to_chunks(v, sk_p, ck)
+    out = _flash(qc, kc, vc, ck, None if valid == sk_p else valid)
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, sq_p, n, d)[:, :sq]
 
 
 def splash_attention(
