@@ -207,8 +207,8 @@ def main(argv=None) -> int:
                       f"{fmt(tr.get('peak_mib'), 10, '.0f')}{fmt(jr.get('peak_mib'), 9, '.0f')}"
                       f"{fmt(jr.get('xla_temp_mib'), 9, '.0f')} | {fmt(flops / js / 1e9 if js else None, 8, '.1f')}"
                       + "".join(f"  [{s}: {r['error']}]" for s, r in (("torch", tr), ("ours", jr)) if "error" in r))
-    print(f"GFLOP/s counts 4 T^2 D N per forward and 3.5x that for forward + backward (the FlashAttention-2 "
-          f"backward recomputes QK^T); roofline (measured float32 GEMM peak): "
+    print("GFLOP/s counts 4 T^2 D N per forward and 3.5x that for forward + backward (the FlashAttention-2 "
+          "backward recomputes QK^T); roofline (measured float32 GEMM peak): "
           + (f"{peak[0]:.1f} GFLOP/s ({peak[1]})" if peak else "not measured"))
     print(f"attention's share of one Stage-3 block's matmul FLOPs ({STAGE3_TOKENS} tokens, width 2432): {share:.3f}")
     print(json.dumps({"bench": "attention", "heads": args.heads, "head_dim": args.head_dim, "text_tokens": TEXT_TOKENS,

@@ -11,7 +11,7 @@ latent frame per chunk (the time axis holds the 2 cached frames plus the chunk's
   (oneDNN / mkldnn on CPU).
 
 All float32, same inputs, results checked to agree; medians of ``--repeats`` interleaved calls after
-a warm-up. Prints a table, then one JSON line as its last line.
+a warm-up, each timed call after one untimed call of its own (``bench/timing.py``). Prints a table, then one JSON line as its last line.
 
     python bench/conv3d.py [--repeats 5] [--threads N]
 """
@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.timing import medians  # noqa: E402
 
 # (name, frames in (2 cached + chunk), height, width, C_in, C_out): Wan2.1 decoder at 128x128 output
 SHAPES = (
@@ -90,13 +92,7 @@ def main(argv=None) -> int:
             err = float(np.abs(out - ref).max() / np.abs(ref).max())
             if err > 1e-4:
                 raise SystemExit(f"{name}: {key} disagrees with torch (rel err {err:.2e})")
-        times = {kk: [] for kk in fns}
-        for _ in range(args.repeats):
-            for kk, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[kk].append(time.perf_counter() - t0)
-        med = {kk: statistics.median(v) for kk, v in times.items()}
+        med = medians(fns, args.repeats)
         flops = 2 * (t - 2) * h * w * 27 * ci * co
         row = {"shape": name, "frames_in": t, "height": h, "width": w, "c_in": ci, "c_out": co, "flops": flops,
                **{f"{kk}_s": v for kk, v in med.items()}, **{f"{kk}_gflops": flops / v / 1e9 for kk, v in med.items()}}

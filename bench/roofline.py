@@ -26,8 +26,11 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
 
 
 def cpu_info(path: str = "/proc/cpuinfo") -> dict:
@@ -97,7 +100,8 @@ def gemm_runners(n: int, dtype: str) -> dict:
 
 
 def measure(sizes=(2048,), dtypes=("float32", "bfloat16"), repeats: int = 5, warmup: int = 2, slow_s: float = 2.0) -> dict:
-    """``{dtype: {"n": {library: GFLOP/s}}}``, medians over ``repeats`` interleaved calls per library
+    """``{dtype: {"n": {library: GFLOP/s}}}``, medians over ``repeats`` interleaved calls per library, each
+    after one untimed call of its own (``bench/timing.py``)
     (a library whose first timed call takes over ``slow_s`` seconds: that one call)."""
     out: dict = {}
     for dtype in dtypes:
@@ -115,9 +119,10 @@ def measure(sizes=(2048,), dtypes=("float32", "bfloat16"), repeats: int = 5, war
                     continue
                 for _ in range(warmup - 1):
                     fn()
-            for _ in range(repeats):
-                for k, fn in runners.items():
-                    times[k] += _time(fn, 1)
+            from bench.timing import interleaved
+
+            for k, v in interleaved(runners, repeats).items():
+                times[k] += v
             out[dtype][str(n)] = {k: 2 * n**3 / statistics.median(v) / 1e9 for k, v in times.items()}
     return out
 

@@ -41,7 +41,9 @@ from tests.sample_fixtures import build_tiny_model_dir, load_reference  # noqa: 
 def _side_by_side(fns: dict, warmup: int, repeats: int):
     """Each callable's last output, its first-call seconds (JAX: compile + run) and its median seconds
     over ``repeats`` timed calls after ``warmup`` untimed ones; the calls are interleaved
-    (a, b, a, b, ...) so that both sides see the same machine load."""
+    (a, b, a, b, ...) so that both sides see the same machine load, and each timed call comes right
+    after one untimed call of its own, so that the other library's spinning workers are idle by then
+    (``bench/timing.py``)."""
     outs, first, times = {}, {}, {k: [] for k in fns}
     for k, fn in fns.items():
         t0 = time.perf_counter()
@@ -52,6 +54,7 @@ def _side_by_side(fns: dict, warmup: int, repeats: int):
             outs[k] = fn()
     for _ in range(repeats):
         for k, fn in fns.items():
+            fn()  # settle (bench/timing.py)
             t0 = time.perf_counter()
             outs[k] = fn()
             times[k].append(time.perf_counter() - t0)

@@ -3,7 +3,7 @@
 Forward pass and one training step (flow-matching MSE, AdamW) at a small size: 4 layers, 8 heads x 64,
 latents 5 x 16 x 16 x 16 (320 video tokens), 333 context tokens, batch 1. Both run on the local CPU
 (or whatever JAX / torch default to). Reports medians of timed repeats after warm-up, torch and JAX
-repeats interleaved; the JAX
+repeats interleaved, each after one untimed call of its own (``bench/timing.py``); the JAX
 compile time is reported apart. Prints a table, then one JSON line as the last line.
 
 ``--dtype bfloat16`` runs both in bfloat16 compute with float32 master weights, as the trainer does: JAX with
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -35,15 +34,11 @@ from flax import nnx  # noqa: E402
 
 
 def _side_by_side(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, the repeats interleaved (a, b, a, b, ...) so that both sides
-    see the same machine load."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each callable, interleaved, each timed call after one untimed call of its own
+    (``bench/timing.py``: the other library's spinning workers are idle by then)."""
+    from bench.timing import medians
+
+    return medians(fns, repeats)
 
 
 def main(argv=None) -> dict:

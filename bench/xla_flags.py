@@ -2,7 +2,8 @@
 
 Each configuration of ``XLA_FLAGS`` (``--configs``, by name) runs in its own subprocess: a float32 matmul at
 the transformer benchmark's FFN shape (653 x 512 x 2048, ``bench/transformer.py``) and at 1024^3, XLA
-(``jax.jit(jnp.dot)``) and ``torch.mm`` interleaved, median of ``--repeats``; the ratio XLA / torch rate is the
+(``jax.jit(jnp.dot)``) and ``torch.mm`` interleaved, each timed call after one untimed call of its own
+(``bench/timing.py``), median of ``--repeats``; the ratio XLA / torch rate is the
 figure (load hits both alike), and ``max_abs_diff`` checks XLA's product against NumPy's. A flag this jaxlib
 does not know ends the subprocess: recorded as an error. The configurations are XLA:CPU's library-fusion
 switches (XNNPACK: ``xnn``, its successor ``ynn``; oneDNN) and fast math, as found in jaxlib 0.10's strings.
@@ -20,7 +21,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CONFIGS = {
     "default": "",
@@ -41,6 +44,8 @@ def worker(repeats: int) -> dict:
     import numpy as np
     import torch
 
+    from bench.timing import interleaved
+
     rng = np.random.default_rng(0)
     out = {}
     for m, k, n in SHAPES:
@@ -50,14 +55,7 @@ def worker(repeats: int) -> dict:
         r = np.asarray(f(ja, jb))
         err = float(np.abs(r - a @ b).max() / np.abs(a @ b).max())
         torch.mm(ta, tb)
-        ts = {"xla": [], "torch": []}
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(ja, jb).block_until_ready()
-            ts["xla"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            torch.mm(ta, tb)
-            ts["torch"].append(time.perf_counter() - t0)
+        ts = interleaved({"xla": lambda: f(ja, jb).block_until_ready(), "torch": lambda: torch.mm(ta, tb)}, repeats)
         g = {s: 2 * m * k * n / statistics.median(v) / 1e9 for s, v in ts.items()}
         hlo = f.lower(ja, jb).compile().as_text()
         kind = "ynn" if "__ynn_fusion" in hlo else "xnn" if "__xnn_fusion" in hlo else "onednn" if "onednn" in hlo.lower() else "xla"
