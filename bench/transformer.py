@@ -11,7 +11,9 @@ the model's ``dtype="bfloat16"`` (parameters stay float32 and are cast at each m
 under ``torch.autocast("cpu", torch.bfloat16)`` (float32 parameters and AdamW). The achieved rates are also given
 over the machine's measured GEMM peak for the dtype (``bench/roofline.py``).
 
-Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N] [--dtype float32|bfloat16]``
+Usage: ``python bench/transformer.py [--repeats 5] [--layers 4] [--threads N] [--dtype float32|bfloat16]
+[--attention-kernel auto|xla|chunked]``. Ours runs the attention kernel the trainer resolves (``auto``: chunked on CPU)
+unless told otherwise; torch runs SDPA.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from contentv_jax.models.attention import KERNEL_CHOICES  # noqa: E402
+
 
 def _side_by_side(fns: dict, repeats: int) -> dict:
     """Median seconds of each callable, interleaved, each timed call after one untimed call of its own
@@ -49,6 +53,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (weights float32)")
     p.add_argument("--no-roofline", action="store_true", help="skip the GEMM peak measurement")
+    p.add_argument("--attention-kernel", default="auto", choices=KERNEL_CHOICES,
+                   help="ours; default auto, as the trainer (chunked on CPU)")
     args = p.parse_args(argv)
     import contextlib
     import os
@@ -78,7 +84,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         tmodel.save_pretrained(Path(d) / "diffusers")
         from_diffusers("transformer", Path(d) / "diffusers", Path(d) / "ours")
-        jmodel = load_transformer(Path(d) / "ours", dtype=args.dtype, param_dtype="float32")
+        jmodel = load_transformer(Path(d) / "ours", dtype=args.dtype, param_dtype="float32",
+                                  attention_kernel=args.attention_kernel)
 
     # ---- torch
     tx = {
@@ -173,7 +180,7 @@ def main(argv=None) -> dict:
         "rates": rates,
         "config": {"layers": args.layers, "heads": 8, "head_dim": 64, "latents": [5, 16, 16, 16], "video_tokens": 320,
                    "context_tokens": 333, "batch": 1, "dtype": args.dtype,
-                   "param_dtype": "float32"},
+                   "param_dtype": "float32", "attention_kernel": jmodel.config.resolved_attention_kernel()},
         "loadavg_before": load0, "loadavg_after": load1,
         "jax_device": str(jax.devices()[0].platform),
         "jax_ratio_train_step": round(res["jax_train_step_s"] / res["torch_train_step_s"], 3),
@@ -186,7 +193,7 @@ def main(argv=None) -> dict:
         "train_step_speedup": round(res["torch_train_step_s"] / res["jax_train_step_s"], 3),
     }
     print(f"transformer {args.layers} layers, 8 heads x 64, latents 5x16x16x16 (320 video tokens), 333 context tokens, "
-          f"batch 1, {args.dtype} compute, float32 weights; JAX on {out['jax_device']}, torch {out['torch_threads']} threads; median of {args.repeats}")
+          f"batch 1, {args.dtype} compute, float32 weights; JAX on {out['jax_device']} (attention {out['config']['attention_kernel']}), torch {out['torch_threads']} threads; median of {args.repeats}")
     print(f"{'':14s}{'torch (s)':>12s}{'jax (s)':>12s}{'jax/torch':>11s}{'jax compile (s)':>18s}")
     for name, key, comp in (("forward", "forward", compile_fwd), ("train step", "train_step", compile_step)):
         t, j = res[f"torch_{key}_s"], res[f"jax_{key}_s"]

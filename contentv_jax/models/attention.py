@@ -260,6 +260,17 @@ def _flash_bwd(ck, valid, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _balanced_chunk(length: int, chunk: int, multiple: int = 16) -> int:
+    """The chunk size that splits ``length`` into as many chunks as ``chunk`` would, of equal size
+    rounded up to ``multiple`` (the float32 lanes of AVX-512), so the padding is under ``multiple`` per
+    chunk, not up to a whole chunk: 653 tokens in chunks of at most 512 are 2 x 336, not 2 x 512; one
+    chunk is the whole length, unpadded."""
+    n = -(-length // chunk)
+    if n == 1:
+        return length
+    return min(-(-(-(-length // n)) // multiple) * multiple, chunk)
+
+
 def chunked_attention(
     q: jax.Array,
     k: jax.Array,
@@ -286,7 +297,7 @@ def chunked_attention(
     b, sq, n, d = q.shape
     sk = k.shape[1]
     valid = sk if kv_length is None else kv_length
-    cq, ck = min(q_chunk, sq), min(kv_chunk, sk)
+    cq, ck = _balanced_chunk(sq, q_chunk), _balanced_chunk(sk, kv_chunk)
     sq_p, sk_p = -(-sq // cq) * cq, -(-sk // ck) * ck
     k, v = (t.astype(q.dtype) for t in (k, v))
 
