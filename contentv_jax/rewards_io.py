@@ -75,7 +75,6 @@ def load_reward(name: str, path: str | os.PathLike | None = None, *, config: Any
       converters.common.CheckpointError: an unreadable, unsafe or non-matching checkpoint (every
         offending tensor named, with expected and found shape); nothing is loaded.
     """
-    from converters import common
     from converters import reward as conv
 
     name = canonical_name(name)
@@ -112,7 +111,7 @@ def load_reward(name: str, path: str | os.PathLike | None = None, *, config: Any
             cfg = MPSConfig(clip=CLIPConfig.from_dict(config or hf_config or VIT_H_14_HF))
         if not cfg.condition_ids:
             if tok is None:
-                raise ValueError(f"reward 'mps': a tokenizer is needed to tokenize the condition string (tokenizer=)")
+                raise ValueError("reward 'mps': a tokenizer is needed to tokenize the condition string (tokenizer=)")
             import dataclasses
 
             cfg = dataclasses.replace(cfg, condition_ids=condition_ids(tok, condition, cfg.clip.text_config.max_position_embeddings))

@@ -3,7 +3,6 @@ with ``save_pretrained``, converted by ``python -m converters.reward``, loaded b
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from contentv_jax.config import ConfigError
-from contentv_jax.data.curation import draw_caption, filter_records, validate_caption_weights, validate_filter
+from contentv_jax.data.curation import draw_caption, filter_records, validate_filter
 from contentv_jax.train.sft import blended_target, regularised_loss
 
 
