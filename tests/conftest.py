@@ -18,10 +18,8 @@ if _DEVICES_FLAG not in _flags:  # keep a caller's other XLA flags; the suite ne
 # environment): the suite compiles the same tiny train step, sampler and VAE in many processes, and on 2 CPU
 # cores XLA's compiles are most of its time. A fresh clone starts it empty (it lives in .pytest_cache/).
 # Its key is the program, the compile options and the jax/jaxlib versions, so a changed model is a miss.
-# Every program is cached, the small ones too: a tiny training run compiles about 220 programs, most of
-# them eager ops under 0.2 s each, and caching them all takes a warm run from about 32 to about 26 s.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
