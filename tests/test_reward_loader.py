@@ -3,7 +3,6 @@ allocated), and the loader's refusals (missing / extra / mis-shaped tensors, dty
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
