@@ -353,11 +353,11 @@ class Trainer:
             self.run_dir / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
             async_save=cfg.checkpoint.async_save,
         )
-        self.preview = self._preview()
         self.start_step = 0
         self.resume_skipped: list[dict] = []
         if cfg.checkpoint.resume:
             self._resume()
+        self.preview = self._preview()
         return self
 
     def _resume(self) -> None:
@@ -446,8 +446,11 @@ class Trainer:
         return dst
 
     def _preview(self):
-        """The :class:`contentv_jax.train.preview.PreviewSampler` of ``logging.sample_every`` (None when off)."""
-        if not self.cfg.logging.sample_every:
+        """The :class:`contentv_jax.train.preview.PreviewSampler` of ``logging.sample_every``; None when off or
+        when no step of this run (after ``start_step``, up to ``steps``) is a multiple of it, so a short run or
+        a resumed tail neither loads the text encoders and VAE nor compiles the sampler for nothing."""
+        every = self.cfg.logging.sample_every
+        if not every or self.cfg.steps // every <= self.start_step // every:
             return None
         from contentv_jax.checkpoints import load_vae
         from contentv_jax.text import TextEncoders
