@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from contentv_jax.checkpoints import verify_manifest, write_manifest
+from contentv_jax.checkpoints import save_handler, verify_manifest, write_manifest
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directory: <step> + this, renamed on commit
 
@@ -80,7 +80,8 @@ class TrainCheckpointer:
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_manifest),
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "data", "paths"), options=options)
+        handlers = {"state": save_handler(), "data": ocp.JsonCheckpointHandler(), "paths": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     def on_interval(self, step: int) -> bool:
         """Whether ``step`` is one of the interval's checkpoints (``step % every == 0``); preemption saves aside."""
@@ -106,7 +107,7 @@ class TrainCheckpointer:
         started = self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state)),
+                state=ocp.args.PyTreeSave(leaves), data=ocp.args.JsonSave(_encode_data_state(data_state)),
                 paths=ocp.args.JsonSave({"paths": leaf_paths(state)}),
             ),
             force=force,
@@ -135,7 +136,7 @@ class TrainCheckpointer:
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         )
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)), data=ocp.args.JsonRestore())
         )
         leaves = restored["state"]
         if set(leaves) != set(abstract):
