@@ -2,6 +2,7 @@
 and the distributed helpers (8 simulated CPU devices, one process)."""
 
 import argparse
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from contentv_jax.models.attention import joint_attention, joint_attention_local
 from contentv_jax.sharding import distributed
-from contentv_jax.checkpoints import load_sharded
+from contentv_jax.checkpoints import REPLICA_PARALLEL_MIN_BYTES, load_checkpoint, load_sharded, save_checkpoint
 from contentv_jax.sharding.init import bytes_per_device, create_sharded
 from contentv_jax.sharding.logical import DEFAULT_RULES, activation_sharding, spec_for
 from contentv_jax.sharding.mesh import MeshConfig, create_mesh
@@ -167,6 +168,33 @@ def test_load_sharded_restores_into_shardings(tmp_path, reference_state):
     np.testing.assert_array_equal(np.asarray(model.out.get_value()), np.asarray(reference_state["out"].get_value()))
     with pytest.raises(FileNotFoundError):
         load_sharded(tmp_path / "missing", _factory, mesh)
+
+
+def test_save_writes_small_replicated_arrays_whole_and_large_ones_replica_parallel(tmp_path, caplog):
+    """Orbax cuts an array replicated over devices into one slice per replica (an eager, compiled slice
+    per device) only when a slice holds at least REPLICA_PARALLEL_MIN_BYTES; smaller arrays are written whole.
+    Both round-trip exactly. Both arrays' first dimension divides over the 8 replicas (Orbax would otherwise
+    write them whole anyway), and no other test uses their shapes (no slice is already compiled here)."""
+    mesh = create_mesh(MeshConfig(data=2, fsdp=4, sequence=1))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    n_big = 8 * (REPLICA_PARALLEL_MIN_BYTES // 4 + 8)  # float32 on 8 replicas (P()): each eighth just over the floor
+    rng = np.random.default_rng(0)
+    arrays = {"small": rng.standard_normal((8, 37), np.float32), "big": rng.standard_normal((n_big,), np.float32)}
+
+    def saved_slices(names):
+        state = {k: jax.device_put(arrays[k], replicated) for k in names}
+        dst = tmp_path / "_".join(names)
+        with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"):
+            caplog.clear()
+            save_checkpoint(dst, state, {"test": True})
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated) for k, v in state.items()}
+        back = load_checkpoint(dst, abstract)
+        for k in names:
+            np.testing.assert_array_equal(np.asarray(back[k]), arrays[k])
+        return sum("Compiling jit(slice)" in r.getMessage() for r in caplog.records)
+
+    assert saved_slices(["small"]) == 0
+    assert saved_slices(["big"]) > 0  # the control: a large replicated array is still saved replica-parallel
 
 
 def test_spec_for_drops_non_dividing_axes():
