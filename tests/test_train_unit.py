@@ -186,3 +186,27 @@ def test_stage_configs_follow_table2(stage):
     assert cfg.model.name == "contentv-8b" and cfg.schedule.flow_shift == 1.0
     if images and videos:
         assert b.image_fraction == 0.5
+
+
+@pytest.mark.parametrize(("steps", "start", "every", "built"), [(3, 0, 100, False), (250, 200, 100, False),
+                                                                 (100, 0, 0, False), (120, 99, 100, True)])
+def test_preview_sampler_only_when_a_preview_step_lies_ahead(tmp_path, monkeypatch, steps, start, every, built):
+    """The preview sampler (text encoders, VAE) is built only when some step in (start, steps] is a multiple of
+    logging.sample_every; a short run or a resumed tail past its last preview builds nothing."""
+    from contentv_jax.train import trainer as T
+
+    cfg = load_train_config(None, [f"run_dir={tmp_path}", f"steps={steps}", f"logging.sample_every={every}",
+                                   "mesh.fsdp=1"])
+    t = T.Trainer(cfg, devices=jax.devices()[:1])
+    t.start_step = start
+
+    def asset_dirs(self):  # where building the sampler starts: stop there, recording that it was reached
+        raise RuntimeError("building the preview sampler")
+
+    monkeypatch.setattr(T.Trainer, "_asset_dirs", asset_dirs)
+    if built:
+        with pytest.raises(RuntimeError, match="building the preview sampler"):
+            t._preview()
+    else:
+        assert t._preview() is None
+    assert not (tmp_path / "assets").exists()
