@@ -128,6 +128,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, prompts_file):
     full = subprocess.run(cmd + [f"run_dir={tmp_path / 'full'}", *common], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=1200)
     assert full.returncode == 0, full.stderr[-2000:]
+    # the interrupted and resumed runs read the text encoders and VAE the full run built (the same files, not
+    # a second build of the same seeded models)
+    common += [f"text.path={tmp_path / 'full' / 'assets' / 'text'}", f"vae.path={tmp_path / 'full' / 'assets' / 'vae'}"]
     # the interrupted run: the trainer's test-only hook SIGKILLs it right after checkpoint 4 is committed
     cut = subprocess.run(cmd + [f"run_dir={tmp_path / 'cut'}", *common], env={**env, TEST_SIGNAL_ENV: "4:SIGKILL"},
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
