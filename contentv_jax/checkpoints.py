@@ -166,9 +166,17 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
 def save_handler(multiprocessing_options=None):
-    """The Orbax ``PyTreeCheckpointHandler`` of every save of ours (``ocp.args.PyTreeSave``): Orbax's default
-    type handlers, but ``jax.Array`` written replica-parallel only in slices of at least
-    ``REPLICA_PARALLEL_MIN_BYTES``. The files are those of ``StandardSave`` (``StandardRestore`` reads them)."""
+    """The Orbax ``PyTreeCheckpointHandler`` of every save of ours (use it with ``ocp.args.PyTreeSave``).
+
+    Its type handlers are Orbax's defaults (those of ``orbax.checkpoint.type_handlers``' global registry, less
+    the placeholder type we never save), but ``jax.Array`` is written replica-parallel only in slices of at
+    least ``REPLICA_PARALLEL_MIN_BYTES``. The files are those of ``StandardSave``: ``StandardRestore`` reads them.
+
+    Args:
+      multiprocessing_options: ``ocp.options.MultiprocessingOptions`` (default: every process takes part).
+    Returns:
+      a new ``ocp.PyTreeCheckpointHandler`` (one per checkpointer or manager item; it holds no files open).
+    """
     import orbax.checkpoint as ocp
 
     th = ocp.type_handlers

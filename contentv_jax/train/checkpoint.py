@@ -135,9 +135,8 @@ class TrainCheckpointer:
         abstract, treedef = _leaves_dict(
             jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         )
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)), data=ocp.args.JsonRestore())
-        )
+        state_args = ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=state_args, data=ocp.args.JsonRestore()))
         leaves = restored["state"]
         if set(leaves) != set(abstract):
             raise ValueError(
