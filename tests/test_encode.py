@@ -1,5 +1,7 @@
 """The encode stage on real clips: records equal an independent recomputation; bad files are skipped and named."""
 
+import ast
+import concurrent.futures
 import io
 import json
 import logging
@@ -8,6 +10,7 @@ import shutil
 import av
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from PIL import Image
 
@@ -232,8 +235,7 @@ def test_cli(tmp_path, shared_data, text, monkeypatch):
     reader = ArrayRecordReader(str(tmp_path / "out" / "f9_h48_w80.array_record"))
     raw = reader.read_all()[0]
     reader.close()
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:  # the stored arrays, not decode_record's float32 view
-        stored = {k: z[k] for k in ("latents", "prompt_embeds", "pooled")}
+    stored = safetensors.numpy.load(raw)  # the stored arrays, not decode_record's float32 view
     assert stored["prompt_embeds"].dtype == stored["pooled"].dtype == np.float16
     assert stored["latents"].dtype == np.float32
     e, p = text.encode(["walk"], max_sequence_length=8)
@@ -424,3 +426,35 @@ def test_cli_rejects_bad_stage_options(flag, value, tmp_path, capsys):
         enc.main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--vae", "v", "--text-encoders", "t", flag, value])
     assert e.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_records_decode_in_threads_without_pythons_parser(monkeypatch):
+    """grain's read threads decode records concurrently; CPython 3.11's parser is not thread-safe (two
+    threads in ``ast.literal_eval`` at once, as ``np.load`` does for each ``.npz`` header, can raise
+    ``SystemError: AST constructor recursion depth mismatch``). A record therefore never goes through
+    Python's parser, and round-trips exactly, float16 embeddings and unicode metadata included."""
+    rng = np.random.default_rng(0)
+    recs = [(rng.standard_normal((2, 4, 4, 16)).astype(np.float32),
+             rng.standard_normal((3, 9, 8)).astype(np.float16), rng.standard_normal((3, 6)).astype(np.float16),
+             {"file": f"clip{i}.mp4", "captions": ["a cat \u00e9t\u00e9", "x"], "fields": {"aesthetic": 5.5 + i}})
+            for i in range(16)]
+    raw = [enc.encode_record(*r) for r in recs]
+
+    def no_parser(*a, **k):
+        raise AssertionError("decode_record ran Python's parser")
+
+    monkeypatch.setattr(ast, "parse", no_parser)
+    buf = io.BytesIO()
+    np.savez(buf, a=np.zeros(3))
+    with pytest.raises(AssertionError, match="parser"):  # the patch is live: np.load's header read trips it
+        np.load(io.BytesIO(buf.getvalue()), allow_pickle=False)["a"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(enc.decode_record, raw * 4))
+    for (z, e, p, meta), got in zip(recs * 4, out):
+        np.testing.assert_array_equal(got["latents"], z)
+        np.testing.assert_array_equal(got["prompt_embeds"], e.astype(np.float32))
+        np.testing.assert_array_equal(got["pooled"], p.astype(np.float32))
+        assert got["prompt_embeds"].dtype == np.float32 and got["meta"] == meta
+    with pytest.raises(ValueError, match="meta"):
+        enc.decode_record(safetensors.numpy.save({"latents": recs[0][0]}))
+

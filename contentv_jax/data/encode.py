@@ -23,11 +23,14 @@ through :class:`contentv_jax.text.TextEncoders` -> ``prompt_embeds (77 + L, Dctx
 
 Output ``OUT/``:
 - ``<bucket key>.array_record`` (``<bucket key>.shard-SSSSS-of-NNNNN.array_record`` when sharded over
-  several encode jobs): one record per clip, bytes of an ``.npz`` (no pickle) holding
+  several encode jobs): one record per clip, bytes of a safetensors file holding
   ``latents`` float32 (T', h, w, C), ``prompt_embeds`` (77 + L, Dctx), ``pooled`` (Dpool,) (float32, or
   float16 with ``embeds_dtype="float16"``; with K > 1 captions ``(K, 77 + L, Dctx)`` and ``(K, Dpool)``) and
-  ``meta`` (JSON: file, caption, clip, frame indices, bucket; with K > 1 ``captions`` and
-  ``caption_kinds``; ``fields``, the line's numeric fields); read with :func:`decode_record`;
+  ``meta`` (JSON in the header's ``__metadata__``: file, caption, clip, frame indices, bucket; with
+  K > 1 ``captions`` and ``caption_kinds``; ``fields``, the line's numeric fields); read with
+  :func:`decode_record`. (Not ``.npz``: numpy parses each array header with ``ast.literal_eval``, and
+  CPython 3.11's parser is not thread-safe, so grain's read threads decoding two records at once could
+  fail with ``SystemError: AST constructor recursion depth mismatch``.);
 - ``null_text.npz``: the empty prompt's ``prompt_embeds (1, 77 + L, Dctx)``, ``pooled (1, Dpool)``
   (caption dropout for CFG);
 - ``index.json`` (written last): buckets (key, frames, height, width, latent shape, record count,
@@ -59,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from contentv_jax.atomic import atomic_file
 
@@ -87,7 +91,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 NULL_TEXT_NAME = "null_text.npz"
-FORMAT_VERSION = 2  # 2: bucket entries list "files" (encode shards)
+FORMAT_VERSION = 3  # 2: bucket entries list "files" (encode shards); 3: records are safetensors, not .npz
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
@@ -136,27 +140,35 @@ class EncodeStats:
 # record format
 
 def encode_record(latents: np.ndarray, prompt_embeds: np.ndarray, pooled: np.ndarray, meta: dict) -> bytes:
-    """One record's bytes: an uncompressed ``.npz`` of the three arrays and ``meta`` as JSON (no pickle)."""
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        latents=np.ascontiguousarray(latents),
-        prompt_embeds=np.ascontiguousarray(prompt_embeds),
-        pooled=np.ascontiguousarray(pooled),
-        meta=np.array(json.dumps(meta)),
+    """One record's bytes: a safetensors file of the three arrays (dtypes kept) with ``meta`` as JSON in
+    the header's metadata (no pickle, no Python parser on read)."""
+    return safetensors.numpy.save(
+        {
+            "latents": np.ascontiguousarray(latents),
+            "prompt_embeds": np.ascontiguousarray(prompt_embeds),
+            "pooled": np.ascontiguousarray(pooled),
+        },
+        metadata={"meta": json.dumps(meta)},
     )
-    return buf.getvalue()
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
-    """Inverse of :func:`encode_record`: ``{"latents", "prompt_embeds", "pooled"}`` as float32 arrays, ``"meta"`` dict."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {
-            "latents": z["latents"].astype(np.float32, copy=False),
-            "prompt_embeds": z["prompt_embeds"].astype(np.float32, copy=False),
-            "pooled": z["pooled"].astype(np.float32, copy=False),
-            "meta": json.loads(str(z["meta"])),
-        }
+    """Inverse of :func:`encode_record`: ``{"latents", "prompt_embeds", "pooled"}`` as float32 arrays, ``"meta"`` dict.
+
+    Safe to call from several threads at once. Raises ValueError for bytes that are not a record."""
+    arrays = safetensors.numpy.load(bytes(data))
+    # The safetensors layout: an 8-byte little-endian header length, then the JSON header.
+    n = int.from_bytes(data[:8], "little")
+    try:
+        meta = json.loads(json.loads(bytes(data[8:8 + n]))["__metadata__"]["meta"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"record has no 'meta' in its safetensors metadata: {e}") from None
+    return {
+        "latents": arrays["latents"].astype(np.float32, copy=False),
+        "prompt_embeds": arrays["prompt_embeds"].astype(np.float32, copy=False),
+        "pooled": arrays["pooled"].astype(np.float32, copy=False),
+        "meta": meta,
+    }
 
 
 def read_index(records_dir: str | os.PathLike) -> dict[str, Any]:
