@@ -5,12 +5,14 @@ import os
 import subprocess
 from pathlib import Path
 
+from conftest import OPT_LEVEL_FLAG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_dry_run():
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a lone GPU would be
+    env["XLA_FLAGS"] = OPT_LEVEL_FLAG  # one CPU device, as a lone GPU would be (and conftest's cheap compiles)
     r = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", "--parts", "train", "sampling",
                         "attention", "vae", "torch_sampling"],
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

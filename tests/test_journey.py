@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import OPT_LEVEL_FLAG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAMPLE_EVERY = 4, 2
@@ -62,7 +63,9 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], cwd=tmp, timeout=600)
     # a user's shell: no PYTHONPATH (the checkout), one CPU device (no simulated devices from conftest)
+    # (XLA_FLAGS keeps only the suite's cheap-compile flag, which changes no results: see conftest)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "PYTHONHOME")}
+    env["XLA_FLAGS"] = OPT_LEVEL_FLAG
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return python, venv / "bin", env
 

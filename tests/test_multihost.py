@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # the worker: 4 CPU devices, before JAX loads
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402

@@ -38,6 +38,7 @@ from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
 from contentv_jax.train.trainer import TEST_SIGTERM_ENV, Trainer
 from tests._procs import run_group
+from conftest import OPT_LEVEL_FLAG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -74,7 +75,7 @@ def _tiny_vae_checkpoint(dst: Path) -> Path:
 
 def _spawn(run_dir: Path, devices: int, extra: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONTENTV_")} | {
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {OPT_LEVEL_FLAG}",
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(ROOT),
         **(env_extra or {}),

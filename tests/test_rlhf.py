@@ -207,7 +207,17 @@ def test_random_reward_frame_matches_static_frame(tiny, three_latent_frames):
 
 
 # ------------------------------------------------------------------------------------------------ memory and step
+_COMPILED: dict = {}
+
+
 def _compiled_step(t, k):
+    """(compiled RLHF step with ``k`` chosen steps, (state, batch, aux)); compiled once per module and k."""
+    if (id(t), k) not in _COMPILED:
+        _COMPILED[id(t), k] = _compile_step(t, k)
+    return _COMPILED[id(t), k]
+
+
+def _compile_step(t, k):
     rcfg = rlhf.RLHFSection(num_steps=4, k=k, mode="random", guidance_scale=GUIDANCE, shift=TINY_SHIFT,
                             num_frames=FRAMES, height=HEIGHT, width=WIDTH, batch=B)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-5))
@@ -231,11 +241,11 @@ def test_peak_memory_flat_in_k(tiny):
 
 
 def test_step_updates_and_reports(tiny):
-    compiled, (state, batch, aux) = _compiled_step(tiny, 2)
+    compiled, (state, batch, aux) = _compiled_step(tiny, 4)  # the memory test's k=4 program, not a third compile
     new, m = compiled(state, batch, aux)
     assert bool(m["finite"]) and int(new["step"]) == 1
     chosen = np.asarray(m["chosen_steps"])
-    assert chosen.shape == (2,) and len(set(chosen)) == 2 and np.all(np.diff(chosen) > 0)
+    assert chosen.shape == (4,) and len(set(chosen)) == 4 and np.all(np.diff(chosen) > 0)
     assert _rel(new["params"], state["params"]) > 0
     # a non-finite reward: update skipped, reported
     bad = dict(aux, vae=jax.tree.map(lambda a: a * jnp.nan, aux["vae"]))

@@ -19,6 +19,7 @@ import pytest
 from contentv_jax.config import ConfigError
 from contentv_jax.train.config import load_train_config
 from contentv_jax.train.trainer import TEST_SIGNAL_ENV
+from conftest import OPT_LEVEL_FLAG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train" / "rlhf_tiny.yaml"
@@ -123,7 +124,7 @@ def _events(run_dir):
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path, prompts_file):
     common = ["reward.name=analytic", "steps=6", "checkpoint.every=2", "checkpoint.async_save=false",
               "rlhf.eval_every=0", "logging.tensorboard=false"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {OPT_LEVEL_FLAG}"}
     cmd = [sys.executable, "-m", "contentv_jax.train", "--config", str(CONFIG), "--prompts", str(prompts_file)]
     full = subprocess.run(cmd + [f"run_dir={tmp_path / 'full'}", *common], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=1200)

@@ -20,6 +20,7 @@ import pytest
 from contentv_jax.train.config import load_train_config
 from contentv_jax.train.metrics import read_metrics
 from contentv_jax.train.trainer import TEST_SIGNAL_ENV, Trainer
+from conftest import OPT_LEVEL_FLAG  # noqa: E402
 
 pytestmark = pytest.mark.slow  # several end-to-end training runs (CLI subprocesses)
 
@@ -98,7 +99,7 @@ def test_mesh_step_matches_single_device(base, tmp_path):
 
 
 def _cli(args, env_extra=None):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {OPT_LEVEL_FLAG}", PYTHONPATH=str(ROOT))
     env.update(env_extra or {})
     return [sys.executable, "-m", "contentv_jax.train", *args], env
 

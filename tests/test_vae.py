@@ -101,14 +101,6 @@ def _check_encode_decode(ref, ours, x_torch, what):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_real_config_random_clip_9x64x64(real):
-    ref, ours = real
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(1, 3, 9, 64, 64, generator=g) * 2 - 1
-    _check_encode_decode(ref, ours, x, "9x64x64 random clip")
-
-
 def _read_clip(path, frames: int, size: int) -> np.ndarray:
     """``frames`` consecutive frames from the start of a video (PyAV), resized to size x size, in [-1, 1]."""
     import av
@@ -124,11 +116,13 @@ def _read_clip(path, frames: int, size: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_real_config_real_video_17x128x128(real, shared_data):
+def test_real_config_real_video_9x64x64(real, shared_data):
+    """A real clip (9 frames: the encoder's 1 + 4 + 4 frame chunks and its cache carry) through the
+    real-width VAE. 64x64 keeps it under a minute; larger sizes only repeat the same convolutions."""
     ref, ours = real
-    clip = _read_clip(shared_data / "videos" / "intel_person_walking_8s.mp4", 17, 128)
+    clip = _read_clip(shared_data / "videos" / "intel_person_walking_8s.mp4", 9, 64)
     assert clip.min() >= -1.0 and clip.max() <= 1.0 and clip.std() > 0.05
-    _check_encode_decode(ref, ours, _to_torch(clip), "17x128x128 real clip")
+    _check_encode_decode(ref, ours, _to_torch(clip), "9x64x64 real clip")
 
 
 # ---------------------------------------------------------------------------------------------
