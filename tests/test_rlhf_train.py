@@ -89,7 +89,8 @@ def test_k_larger_than_steps_is_a_config_error(tmp_path, prompts_file):
 # ------------------------------------------------------------------------------------------------ it learns
 @pytest.mark.slow
 def test_learns_analytic_reward(tmp_path, prompts_file):
-    s = _run(_cfg(tmp_path / "run", prompts_file, "reward.name=analytic", "steps=100", "rlhf.eval_every=20"))
+    # 30 steps: measured +6.7 held-out std at step 10, +8.7 at 30 (the bar is +3)
+    s = _run(_cfg(tmp_path / "run", prompts_file, "reward.name=analytic", "steps=30", "rlhf.eval_every=10"))
     curve = _curve(s)
     print("analytic reward, held-out (step, mean, std):", [f"{a}: {b:.4f}+-{c:.4f}" for a, b, c in curve])
     _, r0, s0 = curve[0]
@@ -101,7 +102,8 @@ def test_learns_analytic_reward(tmp_path, prompts_file):
 
 @pytest.mark.slow
 def test_learns_tiny_clip_reward(tmp_path, prompts_file):
-    s = _run(_cfg(tmp_path / "run", prompts_file, "reward.name=clip", "steps=100", "rlhf.eval_every=20"))
+    # 30 steps: measured +4.2 held-out std at step 10, +5.9 at 30, +7.3 at 100
+    s = _run(_cfg(tmp_path / "run", prompts_file, "reward.name=clip", "steps=30", "rlhf.eval_every=10"))
     curve = _curve(s)
     print("tiny CLIP reward, held-out (step, mean, std):", [f"{a}: {b:.4f}+-{c:.4f}" for a, b, c in curve])
     assert curve[-1][1] > curve[0][1]

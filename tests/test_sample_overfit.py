@@ -1,4 +1,4 @@
-"""Acceptance 2 of issue 6: training and sampling conventions agree.
+"""Training and sampling conventions agree.
 
 The trainer (``contentv_jax.train``) overfits a tiny MM-DiT (4 heads x 32; cosine LR decay) on one real clip of the shared data; sampling
 that model through the pipeline with the clip's caption (without guidance and at guidance 6; the negative prompt is the empty prompt,
@@ -48,7 +48,7 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
     model_yaml = tmp_path / "model.yaml"
     model_yaml.write_text(yaml.safe_dump(get_config("tiny", attention_head_dim=32, caption_projection_dim=128).to_dict()))
     cfg = load_train_config(None, [f"model.name={model_yaml}",
-        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=600", "optimizer.lr=2e-3", "optimizer.schedule=cosine", "optimizer.decay_steps=600",
+        f"run_dir={tmp_path / 'run'}", f"data.dir={data}", "data.fps=1.5", "steps=300", "optimizer.lr=2e-3", "optimizer.schedule=cosine", "optimizer.decay_steps=300",
         "buckets.max_height=32", "buckets.max_width=32", "buckets.batch_video=4", "model.dtype=float32",
         "checkpoint.every=100000", "checkpoint.async_save=false", "logging.tensorboard=false",
         "logging.progress_bar=false", "logging.sample_every=0", "mesh.fsdp=1",
@@ -83,4 +83,4 @@ def test_overfit_clip_is_sampled_back(shared_data, tmp_path):
         sims = [_cosine(s, clip_latents) for s in sampled]
         noise_sim = _cosine(pl.initial_noise(0, sampled.shape)[0], clip_latents)
         print(f"g={g} cosine(sampled, clip latents) = {sims}; noise alone: {noise_sim:.3f}")
-        assert min(sims) >= 0.9, (g, sims)
+        assert min(sims) >= 0.9, (g, sims)  # measured after 300 steps: 0.94 / 0.97 (g=1), 0.92 / 0.95 (g=6)
