@@ -155,7 +155,9 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path, prompts_file):
 def test_mesh_222_step_equals_single_device(tmp_path, prompts_file):
     from contentv_jax.train.rlhf_trainer import RLHFTrainer
 
-    over = ["reward.name=clip", "steps=1", "rlhf.batch=8", "rlhf.eval_every=0", "checkpoint.export=false",
+    # the analytic reward (the CLIP reward on a mesh is tests/test_reward_sharding.py's): the rollout, the
+    # decode and the MM-DiT's gradient are what is sharded here
+    over = ["reward.name=analytic", "steps=1", "rlhf.batch=8", "rlhf.eval_every=0", "checkpoint.export=false",
             "logging.tensorboard=false"]
     one = RLHFTrainer(_cfg(tmp_path / "one", prompts_file, *over, "mesh.data=1", "mesh.fsdp=1", "mesh.sequence=1"),
                       devices=jax.devices()[:1]).setup()
@@ -176,4 +178,4 @@ def test_mesh_222_step_equals_single_device(tmp_path, prompts_file):
           f"{m8['grad_norm']:.6e} vs {m1['grad_norm']:.6e}, gradient leaves' largest relative L2 diff {max(errs):.2e}")
     assert m1["chosen_steps"] == m8["chosen_steps"]
     assert abs(m8["grad_norm"] - m1["grad_norm"]) <= 1e-5 * abs(m1["grad_norm"])
-    assert len(errs) > 0.8 * len(moments(one)) and max(errs) <= 2e-5  # measured 5.4e-6
+    assert len(errs) > 0.8 * len(moments(one)) and max(errs) <= 2e-5  # measured 3.1e-6

@@ -54,13 +54,13 @@ def test_random_init_with_kl_weight_is_a_config_error(tmp_path):
 
 def test_reference_frozen_not_saved_and_resume_exact(pretrained, tmp_path):
     """Acceptance 1 through the trainer: with the regulariser on, the reference parameters are bitwise
-    unchanged after 20 steps, the checkpoints hold no copy of them (no bfloat16 array, same leaf count as
+    unchanged after 10 steps, the checkpoints hold no copy of them (no bfloat16 array, same leaf count as
     a run without the regulariser), the two loss terms are logged, and a resumed run continues bitwise."""
     over = TINY + pretrained["assets"] + [
         f"model.init={pretrained['init']}", f"data.cache_dir={pretrained['synthetic']}", "sft.kl_weight=1.0",
-        "optimizer.lr=1e-3", "checkpoint.every=10", "checkpoint.keep=5", "checkpoint.export=false",
+        "optimizer.lr=1e-3", "checkpoint.every=5", "checkpoint.keep=5", "checkpoint.export=false",
     ]
-    full = Trainer(load_train_config(None, over + [f"run_dir={tmp_path / 'full'}", "steps=20"]), devices=jax.devices()[:1]).setup()
+    full = Trainer(load_train_config(None, over + [f"run_dir={tmp_path / 'full'}", "steps=10"]), devices=jax.devices()[:1]).setup()
     ref_before = _leaves(full.ref_params)
     assert all(x.dtype == jnp.bfloat16 for x in ref_before)
     trained_before = _leaves(full.state["params"])
@@ -73,12 +73,12 @@ def test_reference_frozen_not_saved_and_resume_exact(pretrained, tmp_path):
         assert r.tobytes() == p.astype(jnp.bfloat16).tobytes()
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss_fm" in r]
-    assert len(logged) == 20 and all(r["loss_kl"] > 0 for r in logged[1:])
+    assert len(logged) == 10 and all(r["loss_kl"] > 0 for r in logged[1:])
     np.testing.assert_allclose([r["loss"] for r in logged], [r["loss_fm"] + r["loss_kl"] for r in logged], rtol=1e-5)
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["sft_reference"]["path"] == str(pretrained["init"])
 
     # checkpoints: the train state only (step, rng, params, opt_state); no reference copy
-    meta = ocp.StandardCheckpointer().metadata(tmp_path / "full" / "checkpoints" / "20" / "state")
+    meta = ocp.StandardCheckpointer().metadata(tmp_path / "full" / "checkpoints" / "10" / "state")
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     dtypes = [str(getattr(m, "dtype", "")) for m in jax.tree.leaves(tree)]
@@ -87,13 +87,13 @@ def test_reference_frozen_not_saved_and_resume_exact(pretrained, tmp_path):
     # params + AdamW mu + nu (+ counts/step/rng scalars): never a second params-sized block
     assert len(dtypes) < 4 * n_params, (len(dtypes), n_params)
 
-    # resume: 10 steps, then a new trainer to 20 continues with the uninterrupted run's losses, bitwise
+    # resume: 5 steps, then a new trainer to 10 continues with the uninterrupted run's losses, bitwise
     part = tmp_path / "part"
-    Trainer(load_train_config(None, over + [f"run_dir={part}", "steps=10"]), devices=jax.devices()[:1]).setup().run()
-    resumed = Trainer(load_train_config(None, over + [f"run_dir={part}", "steps=20"]), devices=jax.devices()[:1]).setup()
-    assert resumed.start_step == 10
+    Trainer(load_train_config(None, over + [f"run_dir={part}", "steps=5"]), devices=jax.devices()[:1]).setup().run()
+    resumed = Trainer(load_train_config(None, over + [f"run_dir={part}", "steps=10"]), devices=jax.devices()[:1]).setup()
+    assert resumed.start_step == 5
     s_res = resumed.run()
-    assert np.asarray(s_res["losses"], np.float32).tobytes() == np.asarray(s_full["losses"][10:], np.float32).tobytes()
+    assert np.asarray(s_res["losses"], np.float32).tobytes() == np.asarray(s_full["losses"][5:], np.float32).tobytes()
     for a, b in zip(_leaves(resumed.state["params"]), _leaves(full.state["params"])):
         assert a.tobytes() == b.tobytes()
 
